@@ -1,0 +1,27 @@
+"""CTC losses, alignment targets and forced alignment; time-major like ``torch.nn.functional.ctc_loss``.
+
+Functions take ``F.ctc_loss``'s arguments; every loss module's ``forward`` does too, so swapping one
+loss for another (``python train.py loss=focal_ctc``) changes nothing else.
+"""
+
+from losses.alignment import ctc_alignment_targets, forced_align, path_to_spans
+from losses.builtin import CTCLoss
+from losses.ctc import PythonCTCLoss, ctc_loss
+from losses.cross_entropy import AlignmentTargetLoss, ReweightedCTCLoss, SmoothedCTCLoss
+from losses.entropy import MaxEntropyCTCLoss, ctc_path_entropy
+from losses.focal import FocalCTCLoss
+
+__all__ = [
+    "AlignmentTargetLoss",
+    "CTCLoss",
+    "FocalCTCLoss",
+    "MaxEntropyCTCLoss",
+    "PythonCTCLoss",
+    "ReweightedCTCLoss",
+    "SmoothedCTCLoss",
+    "ctc_alignment_targets",
+    "ctc_loss",
+    "ctc_path_entropy",
+    "forced_align",
+    "path_to_spans",
+]

@@ -1,0 +1,69 @@
+"""Maximum-entropy CTC (Liu et al., NeurIPS 2018, "Connectionist Temporal Classification with Maximum
+Entropy Regularization", EnCTC): ``(1 - beta) · L - beta · H``.
+
+``H`` is the entropy of the path posterior ``P(π | l, x)``. Since ``log P(π|l,x) = Σ_t log y_t(π_t) + L``,
+
+    H = -L - Σ_t Σ_c γ_tc · log y_tc
+
+with ``γ`` the per-frame posteriors. ``γ`` is itself ``-dL/dlog y``, so the exact gradient of ``H`` needs
+``γ``'s derivative: we take ``γ`` from the autograd-mode CTC with ``create_graph=True`` (double backward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
+from losses.targets import check_ctc_arguments
+
+
+def ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, blank: int = 0):
+    """CTC negative log-likelihood and path-posterior entropy per sample, both differentiable twice over.
+
+    Args:
+        log_probs: ``(T, B, C)`` log-probabilities (normalised per frame).
+        targets, input_lengths, target_lengths, blank: as for :func:`torch.nn.functional.ctc_loss`.
+    Returns:
+        ``(nll, entropy)``, each ``(B,)``; infeasible samples give ``nll = inf`` and ``entropy = 0``.
+    """
+    checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
+    differentiable = torch.is_grad_enabled() and log_probs.requires_grad
+    if not differentiable:  # e.g. validation under no_grad: values only
+        log_probs = log_probs.detach().requires_grad_()
+    with torch.enable_grad():
+        nll = ctc_loss(log_probs, *checked, blank=blank, reduction="none", backward="autograd")
+        feasible = nll.isfinite()
+        finite_nll = torch.where(feasible, nll, torch.zeros_like(nll))
+        (neg_gamma,) = torch.autograd.grad(finite_nll.sum(), log_probs, create_graph=differentiable)
+    products = torch.where(neg_gamma < 0, neg_gamma * log_probs, torch.zeros_like(log_probs))  # -γ·log y
+    entropy = torch.where(feasible, products.sum((0, 2)) - finite_nll, torch.zeros_like(nll))
+    return nll, entropy
+
+
+class MaxEntropyCTCLoss(nn.Module):
+    """EnCTC: ``(1 - beta) · L - beta · H`` per sample; ``beta = 0`` is plain CTC.
+
+    Rewarding entropy spreads the path posterior over more alignments, countering CTC's peaky,
+    over-confident alignments. ``forward`` takes :func:`torch.nn.functional.ctc_loss`'s tensors;
+    ``reduction`` and ``zero_infinity`` behave as there. Costs one double backward through the
+    autograd-mode CTC, so it is several times slower than plain CTC.
+    """
+
+    def __init__(self, beta: float = 0.2, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"MaxEntropyCTCLoss beta must be in [0, 1], got {beta}")
+        check_reduction(reduction)
+        self.beta, self.blank, self.reduction, self.zero_infinity = beta, blank, reduction, zero_infinity
+
+    def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
+        log_probs = log_probs.to(compute_dtype(log_probs.dtype))
+        nll, entropy = ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, self.blank)
+        finite_nll = torch.where(nll.isfinite(), nll, torch.zeros_like(nll))
+        losses = torch.where(nll.isfinite(), (1.0 - self.beta) * finite_nll - self.beta * entropy, nll)
+        lengths = torch.as_tensor(target_lengths, device=nll.device)
+        return finish_loss(losses, lengths, self.reduction, self.zero_infinity)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"

@@ -1,0 +1,123 @@
+"""CTC forward/backward timing: built-in vs. the pure-PyTorch CTC in both backward modes.
+
+Reproduces the table of the primer this project grew from (``T=128, B=256, C=32``, target length 60,
+time-major, ``randint(1, C)`` targets). For each implementation: forward and backward time (warm-up, then
+the median of ``--repeats`` runs, CUDA synchronised), whether loss and gradient w.r.t. the logits match the
+built-in, whether cross-entropy against the alignment targets has CTC's gradient, and each time as a ratio
+to the built-in measured in the same run.
+
+    python scripts/bench_ctc.py                 # CPU, and CUDA when present
+    python scripts/bench_ctc.py --device cpu --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from losses import ctc_alignment_targets, ctc_loss
+
+IMPLEMENTATIONS = {
+    "built-in": F.ctc_loss,
+    "autograd": functools.partial(ctc_loss, backward="autograd"),
+    "alpha-beta": functools.partial(ctc_loss, backward="alpha_beta"),
+}
+
+
+def make_inputs(args, device):
+    generator = torch.Generator().manual_seed(args.seed)
+    logits = torch.randn(args.frames, args.batch, args.classes, generator=generator).to(device)
+    targets = torch.randint(1, args.classes, (args.batch, args.target_length), generator=generator).to(device)
+    input_lengths = torch.full((args.batch,), args.frames, dtype=torch.long, device=device)
+    target_lengths = torch.full((args.batch,), args.target_length, dtype=torch.long, device=device)
+    return logits, targets, input_lengths, target_lengths
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(loss_fn, log_probs, rest, device, repeats):
+    """Median forward and backward seconds of ``loss_fn(log_probs, *rest)`` (reduction sum) w.r.t. ``log_probs``."""
+    forward_times, backward_times = [], []
+    for run in range(repeats + 1):  # run 0 warms up
+        leaf = log_probs.detach().requires_grad_()
+        synchronize(device)
+        start = time.perf_counter()
+        loss = loss_fn(leaf, *rest, reduction="sum")
+        synchronize(device)
+        middle = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        end = time.perf_counter()
+        if run:
+            forward_times.append(middle - start)
+            backward_times.append(end - middle)
+    return statistics.median(forward_times), statistics.median(backward_times)
+
+
+def logits_gradient(loss_fn, logits, rest):
+    """Loss (sum) and its gradient w.r.t. the logits, through ``log_softmax`` (convention-free)."""
+    leaf = logits.detach().requires_grad_()
+    loss = loss_fn(leaf.log_softmax(-1), *rest, reduction="sum")
+    return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+
+
+def cross_entropy_gradient(loss_fn, logits, rest):
+    """Gradient w.r.t. the logits of ``-sum gamma * log_softmax(logits)``, gamma from ``loss_fn``'s gradient."""
+    gamma = ctc_alignment_targets(logits.log_softmax(-1), *rest, ctc_loss=loss_fn)
+    leaf = logits.detach().requires_grad_()
+    loss = -(gamma * leaf.log_softmax(-1)).sum()
+    return torch.autograd.grad(loss, leaf)[0]
+
+
+def run(device, args):
+    logits, *rest = make_inputs(args, device)
+    log_probs = logits.log_softmax(-1)
+    reference_loss, reference_grad = logits_gradient(F.ctc_loss, logits, rest)
+    print(f"\nDevice: {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"\nDevice: {device}")
+    print(f"Log-probs shape (time x batch x classes): {tuple(logits.shape)}, target length {args.target_length}")
+    header = f"{'implementation':<12} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd ms':>11} {'ratio':>7}  loss  grad  CE-grad"
+    print(header)
+    print("-" * len(header))
+    builtin_total = None
+    for name, loss_fn in IMPLEMENTATIONS.items():
+        fwd, bwd = time_fwd_bwd(loss_fn, log_probs, rest, device, args.repeats)
+        builtin_total = builtin_total or fwd + bwd
+        loss, grad = logits_gradient(loss_fn, logits, rest)
+        loss_ok = torch.allclose(loss, reference_loss, rtol=1e-4)
+        grad_ok = torch.allclose(grad, reference_grad, atol=1e-4)
+        ce_ok = torch.allclose(cross_entropy_gradient(loss_fn, logits, rest), reference_grad, atol=1e-4)
+        print(
+            f"{name:<12} {fwd * 1e3:9.2f} {bwd * 1e3:9.2f} {(fwd + bwd) * 1e3:11.2f} "
+            f"{(fwd + bwd) / builtin_total:6.2f}x  {loss_ok!s:<5} {grad_ok!s:<5} {ce_ok}"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=32)
+    parser.add_argument("--target-length", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    print(f"torch {torch.__version__}")
+    for name in devices:
+        if name == "cuda" and not torch.cuda.is_available():
+            print("\nDevice: cuda not available, skipped")
+            continue
+        run(torch.device(name), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Forced alignment, token spans and γ targets against the enumeration reference in ``brute_force``."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import brute_force as bf
+from losses.alignment import ctc_alignment_targets, forced_align, path_to_spans
+
+NEG = -1e30  # finite stand-in for -inf in the autograd-convention CTC below
+
+
+def random_batch(rng: random.Random, blank_last: bool, concatenated: bool, integer: bool = False):
+    """Tiny random batch: ``(log_probs (T, B, C) float64, targets, input_lengths, target_lengths, labels, blank)``.
+
+    ``integer`` log-probs are drawn from {-2, -1, 0} so that path scores are exact and ties are common.
+    Padded targets carry junk (valid ids) past each row's length; input lengths vary from 0 to T.
+    """
+    num_frames, num_classes, batch = rng.randint(1, 6), rng.randint(2, 4), rng.randint(1, 3)
+    blank = num_classes - 1 if blank_last else 0
+    classes = [c for c in range(num_classes) if c != blank]
+    labels = [[rng.choice(classes) for _ in range(rng.randint(0, 3))] for _ in range(batch)]
+    input_lengths = [num_frames] + [rng.randint(0, num_frames) for _ in range(batch - 1)]
+    target_lengths = [len(row) for row in labels]
+    if integer:
+        values = [float(rng.choice((-2, -1, 0))) for _ in range(num_frames * batch * num_classes)]
+        log_probs = torch.tensor(values, dtype=torch.float64).reshape(num_frames, batch, num_classes)
+    else:
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        log_probs = torch.randn(num_frames, batch, num_classes, generator=generator, dtype=torch.float64)
+        log_probs = log_probs.log_softmax(-1)
+    if concatenated:
+        targets = torch.tensor([c for row in labels for c in row], dtype=torch.long)
+    else:
+        width = max(target_lengths) + rng.randint(0, 1)
+        rows = [row + [rng.randrange(num_classes)] * (width - len(row)) for row in labels]
+        targets = torch.tensor(rows, dtype=torch.long).reshape(batch, width)
+    return log_probs, targets, input_lengths, target_lengths, labels, blank
+
+
+def assert_matches_viterbi(log_probs, targets, input_lengths, target_lengths, labels, blank, exact_path=True):
+    """forced_align agrees with brute-force Viterbi: path (if ``exact_path``), per-frame and total scores."""
+    paths, scores = forced_align(log_probs, targets, input_lengths, target_lengths, blank)
+    assert paths.shape == scores.shape == (log_probs.shape[1], log_probs.shape[0]) and paths.dtype == torch.long
+    assert not scores.isnan().any()
+    for b, target in enumerate(labels):
+        n = input_lengths[b]
+        sample = log_probs[:n, b].double()
+        best_path, best_score = bf.viterbi(sample, target, blank)
+        path = paths[b, :n]
+        is_feasible = bf.collapse(best_path, blank) == target
+        assert bf.collapse(path.tolist(), blank) == (target if is_feasible else [])
+        if exact_path:
+            assert path.tolist() == best_path
+        assert (paths[b, n:] == blank).all() and (scores[b, n:] == 0).all()
+        frame_scores = log_probs[:n, b].gather(1, path[:, None]).squeeze(1).to(scores.dtype)
+        expected = frame_scores if is_feasible else torch.full_like(frame_scores, -math.inf)
+        torch.testing.assert_close(scores[b, :n], expected, rtol=0, atol=0)
+        if n or is_feasible:  # an infeasible sample without frames has no scores to sum
+            assert math.isclose(scores[b, :n].double().sum().item(), best_score, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_forced_align_matches_brute_force(blank_last, concatenated):
+    rng = random.Random(1000 + 2 * blank_last + concatenated)
+    for _ in range(25):
+        assert_matches_viterbi(*random_batch(rng, blank_last, concatenated))
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_forced_align_tie_rule_on_exact_ties(blank_last):
+    """Integer log-probs make many alignments score exactly the same; the documented rule picks one."""
+    rng = random.Random(7 + blank_last)
+    for _ in range(40):
+        assert_matches_viterbi(*random_batch(rng, blank_last, concatenated=False, integer=True))
+
+
+def test_tie_rule_by_hand():
+    zeros = torch.zeros(3, 1, 2, dtype=torch.float64)
+    # Every alignment of [1] in 3 frames scores 0: end on the blank, as far along as possible -> (1, 0, 0).
+    assert forced_align(zeros, torch.tensor([[1]]), [3], [1])[0].tolist() == [[1, 0, 0]]
+    # Final label and final blank tie at the last frame (both score 0): the blank wins.
+    log_probs = torch.tensor([[[-1.0, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)
+    assert forced_align(log_probs, torch.tensor([[1]]), [2], [1])[0].tolist() == [[1, 0]]
+    # [1, 2] in 3 frames, the last frame forced onto label 2: (1,2,2), (1,0,2), (1,1,2), (0,1,2) all score 0.
+    # Reversed state sequences (3,3,1) > (3,2,1) > (3,1,1) > (3,1,0): label 2 starts as early as possible.
+    log_probs = torch.zeros(3, 1, 3, dtype=torch.float64)
+    log_probs[2, 0, 0] = -5.0
+    assert forced_align(log_probs, torch.tensor([[1, 2]]), [3], [2])[0].tolist() == [[1, 2, 2]]
+    # Forbid label 2 at frame 1 as well: the blank in between (previous state) beats skipping from 1 to 2.
+    log_probs[1, 0, 2] = -5.0
+    assert forced_align(log_probs, torch.tensor([[1, 2]]), [3], [2])[0].tolist() == [[1, 0, 2]]
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fill", [-math.inf, -1e30])
+def test_forced_align_survives_extreme_log_probs(dtype, fill):
+    rng = random.Random(99)
+    for _ in range(20):
+        log_probs, *rest = random_batch(rng, blank_last=False, concatenated=False)
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        mask = torch.rand(log_probs.shape, generator=generator) < 0.4
+        log_probs = log_probs.masked_fill(mask, fill).to(dtype)
+        assert_matches_viterbi(log_probs, *rest, exact_path=False)
+
+
+def test_forced_align_all_minus_inf_gives_a_valid_alignment():
+    log_probs = torch.full((4, 1, 3), -math.inf)
+    paths, scores = forced_align(log_probs, torch.tensor([[1, 1]]), [4], [2])
+    assert bf.collapse(paths[0].tolist(), 0) == [1, 1]
+    assert (scores == -math.inf).all()
+
+
+def test_forced_align_infeasible_and_empty():
+    log_probs = torch.randn(3, 4, 3).log_softmax(-1)
+    # [1, 1] needs 3 frames; 2 given. Empty target with 0 frames; label with 0 frames; empty target, 3 frames.
+    targets = torch.tensor([[1, 1], [0, 0], [2, 0], [0, 0]])
+    paths, scores = forced_align(log_probs, targets, [2, 0, 0, 3], [2, 0, 1, 0])
+    assert (paths == 0).all()
+    assert scores[0, :2].eq(-math.inf).all() and scores[0, 2] == 0
+    assert (scores[1:3] == 0).all()
+    torch.testing.assert_close(scores[3], log_probs[:, 3, 0])
+    paths, scores = forced_align(torch.zeros(0, 2, 3), torch.zeros(2, 0, dtype=torch.long), [0, 0], [0, 0])
+    assert paths.shape == scores.shape == (2, 0)
+    no_lengths = torch.zeros(0, dtype=torch.long)
+    paths, scores = forced_align(torch.zeros(5, 0, 3), torch.zeros(0, 0, dtype=torch.long), no_lengths, no_lengths)
+    assert paths.shape == scores.shape == (0, 5)
+
+
+def test_forced_align_half_precision_and_no_grad_leak():
+    log_probs = torch.randn(5, 2, 4).log_softmax(-1).requires_grad_()
+    paths, scores = forced_align(log_probs.half(), torch.tensor([[1, 2], [3, 0]]), [5, 4], [2, 1])
+    assert scores.dtype == torch.float32 and not scores.requires_grad
+    assert bf.collapse(paths[1, :4].tolist(), 0) == [3]
+
+
+@pytest.mark.parametrize(
+    "log_probs, targets, input_lengths, target_lengths, blank",
+    [
+        (torch.zeros(3, 1, 3), torch.tensor([[0]]), [3], [1], 0),  # blank inside the target
+        (torch.zeros(3, 1, 3), torch.tensor([[3]]), [3], [1], 0),  # label id >= C
+        (torch.zeros(3, 1, 3), torch.tensor([[1]]), [4], [1], 0),  # input length > T
+        (torch.zeros(3, 1, 3), torch.tensor([[1]]), [3], [2], 0),  # target length > S
+        (torch.zeros(3, 1, 3), torch.tensor([[1]]), [-1], [1], 0),  # negative length
+        (torch.zeros(3, 1, 3), torch.tensor([1, 2]), [3], [1], 0),  # concatenated size mismatch
+        (torch.zeros(3, 3), torch.tensor([[1]]), [3], [1], 0),  # log_probs not 3-D
+        (torch.zeros(3, 1, 3), torch.tensor([[1]]), [3], [1], 3),  # blank outside [0, C)
+        (torch.zeros(3, 1, 3), torch.tensor([[1.0]]), [3], [1], 0),  # float targets
+    ],
+)
+@pytest.mark.parametrize("function", [forced_align, ctc_alignment_targets])
+def test_bad_arguments_raise(function, log_probs, targets, input_lengths, target_lengths, blank):
+    with pytest.raises(ValueError):
+        function(log_probs, targets, input_lengths, target_lengths, blank)
+
+
+def test_path_to_spans():
+    assert path_to_spans([0, 3, 3, 0, 3, 5]) == [(3, 1, 3), (3, 4, 5), (5, 5, 6)]
+    assert path_to_spans(torch.tensor([1, 1, 2, 2, 2, 1])) == [(1, 0, 2), (2, 2, 5), (1, 5, 6)]
+    assert path_to_spans([2, 0, 0, 2], blank=2) == [(0, 1, 3)]
+    assert path_to_spans([0, 0]) == [] and path_to_spans([]) == []
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_alignment_targets_match_brute_force_posteriors(blank_last, concatenated):
+    rng = random.Random(500 + 2 * blank_last + concatenated)
+    for _ in range(15):
+        log_probs, targets, input_lengths, target_lengths, labels, blank = random_batch(rng, blank_last, concatenated)
+        gamma = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths, blank)
+        assert gamma.shape == log_probs.shape and gamma.dtype == torch.float64 and not gamma.requires_grad
+        for b, target in enumerate(labels):
+            n = input_lengths[b]
+            expected = bf.posteriors(log_probs[:n, b], target, blank)
+            torch.testing.assert_close(gamma[:n, b], expected, rtol=0, atol=1e-10)
+            assert (gamma[n:, b] == 0).all()
+
+
+def test_alignment_targets_rows_sum_to_one_on_valid_frames():
+    log_probs = torch.randn(6, 4, 5).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 2], [3, 0, 0], [1, 1, 1], [4, 4, 0]])
+    input_lengths, target_lengths = torch.tensor([6, 4, 4, 0]), torch.tensor([3, 1, 3, 0])  # sample 2 infeasible
+    gamma = ctc_alignment_targets(log_probs.half(), targets, input_lengths, target_lengths)
+    assert gamma.dtype == torch.float32
+    valid = (torch.arange(6)[:, None] < input_lengths) & torch.tensor([True, True, False, True])
+    torch.testing.assert_close(gamma.sum(-1), valid.float())
+    with torch.no_grad():  # works inside evaluation loops too
+        gamma = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths)
+    torch.testing.assert_close(gamma.sum(-1), valid.float())
+
+
+def test_alignment_cross_entropy_has_the_ctc_gradient():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(20, 4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1, 2, 2, 3, 5], [4, 4, 4, 0, 0], [5, 1, 5, 2, 0], [0, 0, 0, 0, 0]])
+    input_lengths, target_lengths = torch.tensor([20, 17, 12, 8]), torch.tensor([5, 3, 4, 0])
+    log_probs = logits.log_softmax(-1)
+    gamma = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths)
+    (ce_grad,) = torch.autograd.grad(-(gamma * log_probs).sum(), logits, retain_graph=True)
+    ctc = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="sum")
+    (ctc_grad,) = torch.autograd.grad(ctc, logits)
+    torch.testing.assert_close(ce_grad, ctc_grad, rtol=0, atol=1e-10)
+
+
+def autograd_ctc(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="sum", zero_infinity=False):
+    """Log-space CTC forward in float64 whose autograd gradient w.r.t. log_probs is -γ (not exp(lp) - γ)."""
+    assert reduction == "sum"
+    total = log_probs.new_zeros(())
+    for b in range(log_probs.shape[1]):
+        states = [blank]
+        for label in targets[b, : target_lengths[b]].tolist():
+            states += [label, blank]
+        can_skip = torch.tensor([s >= 2 and z != blank and z != states[s - 2] for s, z in enumerate(states)])
+        alpha = torch.tensor([0.0] + [NEG] * (len(states) - 1), dtype=torch.float64)  # virtual frame -1
+        for t in range(int(input_lengths[b])):
+            previous = torch.cat([alpha.new_full((1,), NEG), alpha])[: len(states)]
+            skip = torch.where(can_skip, torch.cat([alpha.new_full((2,), NEG), alpha])[: len(states)], NEG)
+            alpha = torch.logsumexp(torch.stack([alpha, previous, skip]), 0) + log_probs[t, b, states]
+        nll = -torch.logsumexp(alpha[-2:] if len(states) > 1 else alpha, 0)
+        total = total + (nll * 0 if zero_infinity and nll > -NEG / 2 else nll)
+    return total
+
+
+def test_both_gradient_conventions_give_the_same_targets():
+    log_probs = torch.randn(7, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 2], [3, 0, 0], [1, 1, 1], [2, 3, 0]])
+    input_lengths, target_lengths = [7, 5, 4, 3], [3, 1, 3, 2]  # sample 2 is infeasible
+    arguments = (log_probs, targets, input_lengths, target_lengths)
+    builtin = ctc_alignment_targets(*arguments, ctc_loss=lambda lp, *a, **k: F.ctc_loss(lp, *a, **k))
+    autograd = ctc_alignment_targets(*arguments, ctc_loss=autograd_ctc)
+    torch.testing.assert_close(autograd, builtin, rtol=0, atol=1e-10)
+    torch.testing.assert_close(builtin[:, 0], bf.posteriors(log_probs[:, 0], [1, 2, 2], 0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = random.Random(11)
+    for _ in range(10):
+        log_probs, targets, input_lengths, target_lengths, _, blank = random_batch(rng, True, concatenated=True)
+        cpu_args = (log_probs, targets, input_lengths, target_lengths, blank)
+        cuda_args = (log_probs.cuda(), targets.cuda(), input_lengths, target_lengths, blank)
+        for expected, actual in zip(forced_align(*cpu_args), forced_align(*cuda_args)):
+            torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ctc_alignment_targets(*cuda_args).cpu(), ctc_alignment_targets(*cpu_args))

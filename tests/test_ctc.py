@@ -1,0 +1,261 @@
+"""Pure-PyTorch CTC (`losses.ctc_loss`) against the built-in F.ctc_loss, exhaustive enumeration and gradcheck."""
+
+import brute_force
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import PythonCTCLoss, ctc_alignment_targets, ctc_loss
+
+MODES = ["alpha_beta", "autograd"]
+
+
+def random_batch(seed, frames=30, batch=6, classes=7, max_target=9, blank=0, dtype=torch.float64, repeats=True):
+    """Logits (T, B, C) and padded targets with varied lengths; junk (not blank) in the padding."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(frames, batch, classes, generator=gen, dtype=dtype) * 2
+    input_lengths = torch.randint(max_target * 2, frames + 1, (batch,), generator=gen)
+    input_lengths[0] = frames
+    target_lengths = torch.randint(0, max_target + 1, (batch,), generator=gen)
+    labels = [c for c in range(classes) if c != blank]
+    targets = torch.tensor(labels)[torch.randint(0, len(labels), (batch, max_target), generator=gen)]
+    if repeats:
+        targets[1, 1:4] = targets[1, 0]  # runs of a repeated label need blanks between them
+    return logits, targets, input_lengths, target_lengths
+
+
+def concatenated(targets, target_lengths):
+    return torch.cat([row[:length] for row, length in zip(targets, target_lengths)])
+
+
+def loss_and_logit_grad(loss_fn, logits, *args, **kwargs):
+    """Loss and gradient w.r.t. the logits (through log_softmax: the built-in's gradient convention cancels)."""
+    leaf = logits.detach().requires_grad_()
+    loss = loss_fn(leaf.log_softmax(-1), *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blank", [0, 6])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("target_format", ["padded", "concatenated"])
+def test_matches_builtin_float64(mode, blank, reduction, target_format):
+    for seed in range(3):
+        logits, targets, input_lengths, target_lengths = random_batch(seed, blank=blank)
+        if target_format == "concatenated":
+            targets = concatenated(targets, target_lengths)
+        args = (targets, input_lengths, target_lengths)
+        expected, expected_grad = loss_and_logit_grad(F.ctc_loss, logits, *args, blank=blank, reduction=reduction)
+        got, grad = loss_and_logit_grad(ctc_loss, logits, *args, blank=blank, reduction=reduction, backward=mode)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_builtin_float32_long_sequences(mode):
+    logits, targets, input_lengths, target_lengths = random_batch(7, frames=120, batch=8, classes=20, max_target=40,
+                                                                  dtype=torch.float32)
+    args = (targets, input_lengths, target_lengths)
+    expected, expected_grad = loss_and_logit_grad(F.ctc_loss, logits, *args, reduction="none")
+    got, grad = loss_and_logit_grad(ctc_loss, logits, *args, reduction="none", backward=mode)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blank", [0, 3])
+def test_matches_brute_force_enumeration(mode, blank):
+    gen = torch.Generator().manual_seed(blank)
+    for trial in range(15):
+        frames, classes = 5, 4
+        log_probs = torch.randn(frames, 3, classes, generator=gen, dtype=torch.float64).log_softmax(-1)
+        labels = [c for c in range(classes) if c != blank]
+        targets = torch.tensor(labels)[torch.randint(0, 3, (3, 3), generator=gen)]
+        target_lengths = torch.randint(0, 4, (3,), generator=gen)
+        input_lengths = torch.tensor([5, 4, 3])
+        got = ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, reduction="none", backward=mode)
+        for b in range(3):
+            expected = brute_force.ctc_nll(log_probs[: input_lengths[b], b], targets[b, : target_lengths[b]].tolist(), blank)
+            assert got[b].item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (trial, b)
+
+
+def test_autograd_mode_gradcheck_and_gradgradcheck():
+    logits, targets, input_lengths, target_lengths = random_batch(3, frames=8, batch=3, classes=4, max_target=3)
+    logits.requires_grad_()
+
+    def loss(x):
+        return ctc_loss(x.log_softmax(-1), targets, input_lengths, target_lengths, reduction="none", backward="autograd")
+
+    assert torch.autograd.gradcheck(loss, (logits,))
+    assert torch.autograd.gradgradcheck(loss, (logits,))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_on_raw_log_probs(mode):
+    """The true gradient w.r.t. unnormalised log_probs (-gamma), not the built-in's exp(lp) - gamma convention."""
+    logits, targets, input_lengths, target_lengths = random_batch(4, frames=7, batch=3, classes=4, max_target=3)
+    log_probs = logits.log_softmax(-1).detach().requires_grad_()
+
+    def loss(x):
+        return ctc_loss(x, targets, input_lengths, target_lengths, reduction="sum", backward=mode)
+
+    assert torch.autograd.gradcheck(loss, (log_probs,))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_gradient_beyond_input_length(mode):
+    logits, targets, input_lengths, target_lengths = random_batch(5)
+    log_probs = logits.log_softmax(-1).requires_grad_()
+    ctc_loss(log_probs, targets, input_lengths, target_lengths, backward=mode).backward()
+    for b, length in enumerate(input_lengths):
+        assert torch.all(log_probs.grad[length:, b] == 0)
+        assert torch.any(log_probs.grad[:length, b] != 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infeasible_targets(mode, dtype):
+    """T < L + repeats: loss inf (grad 0, no NaN), or 0 with zero gradient under zero_infinity."""
+    log_probs = torch.randn(4, 3, 5, dtype=dtype).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 3, 4, 1], [2, 2, 2, 0, 0], [1, 2, 0, 0, 0]])
+    target_lengths = torch.tensor([5, 3, 2])  # needs 5 frames, 5 frames (3 labels + 2 blanks), 2 frames
+    input_lengths = torch.tensor([4, 4, 4])
+    for zero_infinity in (False, True):
+        leaf = log_probs.clone().requires_grad_()
+        loss = ctc_loss(leaf, targets, input_lengths, target_lengths, reduction="none",
+                        zero_infinity=zero_infinity, backward=mode)
+        loss.sum().backward()
+        expected_bad = 0.0 if zero_infinity else float("inf")
+        assert loss[0].item() == expected_bad and loss[1].item() == expected_bad
+        assert torch.isfinite(loss[2])
+        assert not leaf.grad.isnan().any()
+        assert torch.all(leaf.grad[:, :2] == 0)
+        reference = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none", zero_infinity=True)
+        assert loss[2].item() == pytest.approx(reference[2].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_length_targets_and_inputs(mode):
+    log_probs = torch.randn(6, 4, 5, dtype=torch.float64).log_softmax(-1)
+    targets = torch.tensor([[1, 2], [3, 0], [1, 0], [2, 2]])
+    input_lengths = torch.tensor([6, 0, 0, 3])
+    target_lengths = torch.tensor([0, 0, 1, 0])
+    leaf = log_probs.clone().requires_grad_()
+    loss = ctc_loss(leaf, targets, input_lengths, target_lengths, reduction="none", backward=mode)
+    loss[torch.isfinite(loss)].sum().backward()
+    expected_0 = -log_probs[:, 0, 0].sum()  # all blanks
+    expected_3 = -log_probs[:3, 3, 0].sum()
+    torch.testing.assert_close(loss, torch.stack([expected_0, torch.tensor(0.0, dtype=torch.float64),
+                                                  torch.tensor(float("inf"), dtype=torch.float64), expected_3]))
+    assert not leaf.grad.isnan().any()
+    torch.testing.assert_close(leaf.grad[:, 0, 0], -torch.ones(6, dtype=torch.float64))
+    assert torch.all(leaf.grad[:, 1:3] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_log_probs_never_nan(mode, dtype):
+    """-inf and -1e30 log-probs (where the built-in can return NaN) give finite or inf losses, never NaN."""
+    logits, targets, input_lengths, target_lengths = random_batch(6, frames=12, batch=4, classes=5, max_target=4,
+                                                                  dtype=dtype)
+    log_probs = logits.log_softmax(-1)
+    log_probs[:, 0, 2] = float("-inf")  # a class some targets need, on every frame
+    log_probs[3:, 1, :] = -1e30  # every class nearly impossible on later frames
+    log_probs[:, 2, 0] = float("-inf")  # the blank never allowed
+    for zero_infinity in (False, True):
+        leaf = log_probs.clone().requires_grad_()
+        loss = ctc_loss(leaf, targets, input_lengths, target_lengths, reduction="none",
+                        zero_infinity=zero_infinity, backward=mode)
+        loss.sum().backward()
+        assert not loss.isnan().any()
+        assert not leaf.grad.isnan().any() and leaf.grad.isfinite().all()
+
+
+def test_extreme_log_probs_match_builtin_when_it_is_finite():
+    logits, targets, input_lengths, target_lengths = random_batch(8, frames=12, batch=4, classes=5, max_target=4)
+    log_probs = logits.log_softmax(-1)
+    log_probs[:, :, 3] = float("-inf")  # a class no target uses below
+    targets[targets == 3] = 1
+    expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none")
+    for mode in MODES:
+        got = ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none", backward=mode)
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_computed_in_float32(mode, dtype):
+    logits, targets, input_lengths, target_lengths = random_batch(9, dtype=torch.float32)
+    log_probs = logits.log_softmax(-1).to(dtype)
+    leaf = log_probs.clone().requires_grad_()
+    loss = ctc_loss(leaf, targets, input_lengths, target_lengths, backward=mode)
+    loss.backward()
+    assert loss.dtype == torch.float32 and leaf.grad.dtype == dtype
+    expected = F.ctc_loss(log_probs.float(), targets, input_lengths, target_lengths)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alignment_targets_agree_with_builtin(mode):
+    """gamma read off this implementation's gradient equals the one read off the built-in's."""
+    logits, targets, input_lengths, target_lengths = random_batch(10)
+    log_probs = logits.log_softmax(-1)
+    expected = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths)
+    ours = lambda *a, **k: ctc_loss(*a, backward=mode, **k)  # noqa: E731
+    got = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths, ctc_loss=ours)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_module_wraps_function():
+    logits, targets, input_lengths, target_lengths = random_batch(11)
+    log_probs = logits.log_softmax(-1)
+    for mode in MODES:
+        module = PythonCTCLoss(blank=0, reduction="sum", zero_infinity=True, backward=mode)
+        expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="sum", zero_infinity=True)
+        torch.testing.assert_close(module(log_probs, targets, input_lengths, target_lengths), expected)
+
+
+def test_accepts_python_lists_for_lengths():
+    logits, targets, input_lengths, target_lengths = random_batch(12)
+    log_probs = logits.log_softmax(-1)
+    expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths)
+    torch.testing.assert_close(ctc_loss(log_probs, targets, input_lengths.tolist(), target_lengths.tolist()), expected)
+
+
+GOOD = dict(
+    log_probs=torch.zeros(5, 2, 4).log_softmax(-1),
+    targets=torch.tensor([[1, 2], [3, 0]]),
+    input_lengths=torch.tensor([5, 4]),
+    target_lengths=torch.tensor([2, 1]),
+)
+
+
+@pytest.mark.parametrize(
+    "change, argument",
+    [
+        (dict(log_probs=torch.zeros(5, 4)), "log_probs"),
+        (dict(log_probs=torch.zeros(5, 2, 4, dtype=torch.long)), "log_probs"),
+        (dict(targets=torch.tensor([[1.0, 2.0], [3.0, 0.0]])), "targets"),
+        (dict(targets=torch.zeros(2, 2, 2, dtype=torch.long)), "targets"),
+        (dict(targets=torch.tensor([[1, 2]])), "targets"),
+        (dict(targets=torch.tensor([[1, 4], [3, 0]])), "targets"),
+        (dict(targets=torch.tensor([[1, -1], [3, 0]])), "targets"),
+        (dict(targets=torch.tensor([[1, 0], [3, 0]])), "targets"),  # blank inside the target length
+        (dict(targets=torch.tensor([1, 2])), "targets"),  # concatenated, too short
+        (dict(input_lengths=torch.tensor([5.0, 4.0])), "input_lengths"),
+        (dict(input_lengths=torch.tensor([6, 4])), "input_lengths"),
+        (dict(input_lengths=torch.tensor([-1, 4])), "input_lengths"),
+        (dict(input_lengths=torch.tensor([5, 4, 3])), "input_lengths"),
+        (dict(target_lengths=torch.tensor([3, 1])), "target_lengths"),
+        (dict(target_lengths=torch.tensor([2, -1])), "target_lengths"),
+        (dict(target_lengths=torch.tensor([2.0, 1.0])), "target_lengths"),
+        (dict(blank=4), "blank"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(backward="beta"), "backward"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(change, argument):
+    kwargs = {**GOOD, **change}
+    with pytest.raises(ValueError, match=argument):
+        ctc_loss(**kwargs)
