@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from losses.targets import LengthsLike, check_ctc_arguments, extended_targets, feasible
+from losses.targets import CheckedTargets, LengthsLike, check_ctc_arguments, extended_targets, feasible
 
 __all__ = ["forced_align", "path_to_spans", "ctc_alignment_targets"]
 
@@ -202,7 +202,7 @@ def ctc_alignment_targets(
     unnormalised scores are normalised per frame first); its gradient w.r.t. ``logits`` is then
     ``softmax(logits) - γ`` whether ``ctc_loss`` reports ``exp(log_probs) - γ`` (the built-in kernels) or
     ``-γ`` (a true autograd CTC) as its gradient, because the two differ by a per-frame multiple of
-    ``exp(log_probs)``, which ``log_softmax`` projects away.
+    ``exp(log_probs)``, which ``log_softmax`` projects away. Works under ``no_grad`` and ``inference_mode``.
 
     Args:
         log_probs: ``(T, B, C)`` float log-probabilities.
@@ -210,19 +210,29 @@ def ctc_alignment_targets(
         ctc_loss: the CTC implementation whose gradient defines γ.
     Returns:
         ``(T, B, C)`` detached γ, float64 for float64 input, else float32. Rows sum to 1 on frames
-        ``< input_length`` of feasible samples and are 0 elsewhere (frames past the input length and
-        infeasible samples). A feasible sample whose every alignment has probability 0 (``-inf``
-        log-probs) gets ``softmax(log_probs)``, as ``zero_infinity`` zeroes its gradient.
+        ``< input_length`` of samples with ``p(target) > 0`` and are 0 elsewhere (frames past the input
+        length, and samples no alignment fits or whose every alignment has probability 0).
     """
+    return alignment_targets_and_nll(log_probs, targets, input_lengths, target_lengths, blank, ctc_loss)[0]
+
+
+def alignment_targets_and_nll(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: LengthsLike,
+    target_lengths: LengthsLike,
+    blank: int = 0,
+    ctc_loss: Callable[..., torch.Tensor] = F.ctc_loss,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ctc_alignment_targets` and the per-sample CTC loss ``(B,)`` (``inf`` where ``p(target) = 0``)."""
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
-    logits = log_probs.detach().to(_compute_dtype(log_probs.dtype)).requires_grad_()
-    with torch.enable_grad():
-        loss = ctc_loss(
-            logits.log_softmax(-1), checked.padded, checked.input_lengths, checked.target_lengths,
-            blank=blank, reduction="sum", zero_infinity=True,
-        )
-        (grad,) = torch.autograd.grad(loss, logits)
+    with torch.inference_mode(False), torch.enable_grad():  # clones: tensors made in inference mode can't be saved
+        checked = CheckedTargets(*(tensor.clone() for tensor in checked))
+        logits = log_probs.detach().to(_compute_dtype(log_probs.dtype)).clone().requires_grad_()
+        nll = ctc_loss(logits.log_softmax(-1), *checked, blank=blank, reduction="none", zero_infinity=False)
+        possible = nll.isfinite()  # an impossible sample's gradient may be NaN: masked out below
+        (grad,) = torch.autograd.grad(torch.where(possible, nll, 0.0).sum(), logits)
     gamma = logits.detach().softmax(-1) - grad
     frame_valid = torch.arange(logits.shape[0], device=logits.device)[:, None] < checked.input_lengths  # (T, B)
-    keep = frame_valid & feasible(checked)
-    return torch.where(keep[:, :, None], gamma, 0.0)
+    keep = frame_valid & possible & feasible(checked)
+    return torch.where(keep[:, :, None], gamma, 0.0), nll.detach()

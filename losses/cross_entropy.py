@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from losses.alignment import ctc_alignment_targets
+from losses.alignment import alignment_targets_and_nll
 from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
-from losses.targets import CheckedTargets, check_ctc_arguments, feasible
+from losses.targets import CheckedTargets, check_ctc_arguments
 
 REWEIGHT_MODES = ("balanced", "plain", "none")
 
@@ -24,7 +24,8 @@ class AlignmentTargetLoss(nn.Module):
     """Base class: per-sample ``-Σ_t Σ_c γ'_tc · log_probs_tc`` with ``γ' = self.transform(γ, ...)``.
 
     ``forward`` takes :func:`torch.nn.functional.ctc_loss`'s tensors; ``reduction``/``zero_infinity``
-    behave as there (infeasible samples have no alignment targets: ``inf``, or 0 with zero gradient).
+    behave as there (samples whose every alignment has probability 0 have no alignment targets: ``inf``,
+    or 0 with zero gradient).
     ``ctc`` is the CTC implementation whose gradient defines ``γ`` (any ``F.ctc_loss``-like function).
     """
 
@@ -43,12 +44,13 @@ class AlignmentTargetLoss(nn.Module):
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
         checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, self.blank)
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
-        gamma = ctc_alignment_targets(log_probs, *checked, blank=self.blank, ctc_loss=self.ctc)
+        gamma, nll = alignment_targets_and_nll(log_probs, *checked, blank=self.blank, ctc_loss=self.ctc)
         target = self.transform(gamma.to(log_probs.dtype), checked)
         # 0 * log(0) = 0: classes without target mass contribute nothing, even at log-prob -inf
         products = torch.where(target > 0, target * log_probs, torch.zeros_like(log_probs))
         cross_entropy = -products.sum((0, 2))
-        losses = torch.where(feasible(checked), cross_entropy, torch.full_like(cross_entropy, torch.inf))
+        # no alignment has positive probability: like CTC, inf (or 0 with zero gradient under zero_infinity)
+        losses = torch.where(nll.isfinite(), cross_entropy, torch.full_like(cross_entropy, torch.inf))
         return finish_loss(losses, checked.target_lengths, self.reduction, self.zero_infinity)
 
 
@@ -71,7 +73,7 @@ class ReweightedCTCLoss(AlignmentTargetLoss):
     * ``mode="plain"``: label mass times ``alpha``, blank mass times ``1 - alpha`` (no renormalisation).
     * ``mode="none"``: ``γ`` unchanged; the gradient is exactly CTC's.
 
-    Samples with an empty target keep their (all-blank) ``γ``.
+    In balanced mode, samples with an empty target keep their (all-blank) ``γ``.
     """
 
     def __init__(self, alpha: float = 0.5, mode: str = "balanced", **kwargs):

@@ -58,13 +58,15 @@ def safe_logaddexp3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
 
     Three same-shape tensors rather than one reduction over a size-3 axis: elementwise kernels on
     contiguous rows are several times faster on CPU than a strided reduction. Exponents are clamped at
-    ``log(tiny)`` so ``exp`` never makes denormals (~7x slower on CPU); what that drops is below resolution.
+    ``log(tiny)`` so ``exp`` never makes denormals (~7x slower on CPU; what that drops is below the
+    dtype's resolution).
     """
     peak = torch.maximum(torch.maximum(a, b), c).detach()
     alive = peak > NEG_INF
     peak = torch.where(alive, peak, torch.zeros_like(peak))
     floor = math.log(torch.finfo(a.dtype).tiny) + 1.0
-    return _guarded_log(sum((x - peak).clamp_min(floor).exp() for x in (a, b, c)), peak, alive)
+    total = sum((x - peak).clamp_min(floor).exp() for x in (a, b, c))
+    return _guarded_log(total, peak, alive)
 
 
 def _guarded_log(total: torch.Tensor, peak: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
-from losses.targets import check_ctc_arguments
+from losses.targets import CheckedTargets, check_ctc_arguments
 
 
 def ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, blank: int = 0):
@@ -29,14 +29,17 @@ def ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, blank: i
     """
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
     differentiable = torch.is_grad_enabled() and log_probs.requires_grad
-    if not differentiable:  # e.g. validation under no_grad: values only
-        log_probs = log_probs.detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        if not differentiable:  # e.g. validation under no_grad / inference_mode: values only
+            log_probs = log_probs.detach().clone().requires_grad_()  # clones: inference tensors can't be saved
+            checked = CheckedTargets(*(tensor.clone() for tensor in checked))
         nll = ctc_loss(log_probs, *checked, blank=blank, reduction="none", backward="autograd")
         feasible = nll.isfinite()
         finite_nll = torch.where(feasible, nll, torch.zeros_like(nll))
         (neg_gamma,) = torch.autograd.grad(finite_nll.sum(), log_probs, create_graph=differentiable)
-    products = torch.where(neg_gamma < 0, neg_gamma * log_probs, torch.zeros_like(log_probs))  # -γ·log y
+    # -γ·log y, with 0·log 0 = 0; masking log y (not the product) keeps its gradient w.r.t. γ finite too
+    finite_log_probs = torch.where(neg_gamma < 0, log_probs, torch.zeros_like(log_probs))
+    products = neg_gamma * finite_log_probs
     entropy = torch.where(feasible, products.sum((0, 2)) - finite_nll, torch.zeros_like(nll))
     return nll, entropy
 

@@ -3,7 +3,7 @@
 Reproduces the table of the primer this project grew from (``T=128, B=256, C=32``, target length 60,
 time-major, ``randint(1, C)`` targets). For each implementation: forward and backward time (warm-up, then
 the median of ``--repeats`` runs, CUDA synchronised), whether loss and gradient w.r.t. the logits match the
-built-in, whether cross-entropy against the alignment targets has CTC's gradient, and each time as a ratio
+float64 built-in (max abs error printed), whether cross-entropy against the alignment targets has CTC's gradient, and each time as a ratio
 to the built-in measured in the same run.
 
     python scripts/bench_ctc.py                 # CPU, and CUDA when present
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from losses import ctc_alignment_targets, ctc_loss
 
+LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-3
 IMPLEMENTATIONS = {
     "built-in": F.ctc_loss,
     "autograd": functools.partial(ctc_loss, backward="autograd"),
@@ -80,10 +81,14 @@ def cross_entropy_gradient(loss_fn, logits, rest):
 def run(device, args):
     logits, *rest = make_inputs(args, device)
     log_probs = logits.log_softmax(-1)
-    reference_loss, reference_grad = logits_gradient(F.ctc_loss, logits, rest)
-    print(f"\nDevice: {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"\nDevice: {device}")
+    # float64 built-in as the reference: the float32 built-in itself is off by ~2e-4 in the gradient here
+    reference_loss, reference_grad = logits_gradient(F.ctc_loss, logits.double(), rest)
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"
+    print(f"\nDevice: {device}{threads}")
     print(f"Log-probs shape (time x batch x classes): {tuple(logits.shape)}, target length {args.target_length}")
-    header = f"{'implementation':<12} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd ms':>11} {'ratio':>7}  loss  grad  CE-grad"
+    print(f"matches: loss rtol {LOSS_RTOL:g}, gradients w.r.t. logits atol {GRAD_ATOL:g}, vs. float64 built-in")
+    header = (f"{'implementation':<12} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd ms':>11} {'ratio':>7}  "
+              f"{'loss':<5} {'grad':<5} {'CE-grad':<7} {'max grad err':>12}")
     print(header)
     print("-" * len(header))
     builtin_total = None
@@ -91,12 +96,14 @@ def run(device, args):
         fwd, bwd = time_fwd_bwd(loss_fn, log_probs, rest, device, args.repeats)
         builtin_total = builtin_total or fwd + bwd
         loss, grad = logits_gradient(loss_fn, logits, rest)
-        loss_ok = torch.allclose(loss, reference_loss, rtol=1e-4)
-        grad_ok = torch.allclose(grad, reference_grad, atol=1e-4)
-        ce_ok = torch.allclose(cross_entropy_gradient(loss_fn, logits, rest), reference_grad, atol=1e-4)
+        grad_error = (grad.double() - reference_grad).abs().max().item()
+        loss_ok = torch.allclose(loss.double(), reference_loss, rtol=LOSS_RTOL)
+        ce_grad = cross_entropy_gradient(loss_fn, logits, rest).double()
+        ce_ok = torch.allclose(ce_grad, reference_grad, atol=GRAD_ATOL)
         print(
             f"{name:<12} {fwd * 1e3:9.2f} {bwd * 1e3:9.2f} {(fwd + bwd) * 1e3:11.2f} "
-            f"{(fwd + bwd) / builtin_total:6.2f}x  {loss_ok!s:<5} {grad_ok!s:<5} {ce_ok}"
+            f"{(fwd + bwd) / builtin_total:6.2f}x  {loss_ok!s:<5} {grad_error <= GRAD_ATOL!s:<5} {ce_ok!s:<7} "
+            f"{grad_error:12.2e}"
         )
 
 

@@ -209,8 +209,8 @@ def test_alignment_cross_entropy_has_the_ctc_gradient():
 
 def autograd_ctc(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="sum", zero_infinity=False):
     """Log-space CTC forward in float64 whose autograd gradient w.r.t. log_probs is -γ (not exp(lp) - γ)."""
-    assert reduction == "sum"
-    total = log_probs.new_zeros(())
+    assert reduction in ("sum", "none")
+    losses = []
     for b in range(log_probs.shape[1]):
         states = [blank]
         for label in targets[b, : target_lengths[b]].tolist():
@@ -222,8 +222,9 @@ def autograd_ctc(log_probs, targets, input_lengths, target_lengths, blank=0, red
             skip = torch.where(can_skip, torch.cat([alpha.new_full((2,), NEG), alpha])[: len(states)], NEG)
             alpha = torch.logsumexp(torch.stack([alpha, previous, skip]), 0) + log_probs[t, b, states]
         nll = -torch.logsumexp(alpha[-2:] if len(states) > 1 else alpha, 0)
-        total = total + (nll * 0 if zero_infinity and nll > -NEG / 2 else nll)
-    return total
+        losses.append(nll * 0 if zero_infinity and nll > -NEG / 2 else nll)
+    losses = torch.stack(losses)
+    return losses.sum() if reduction == "sum" else losses
 
 
 def test_both_gradient_conventions_give_the_same_targets():

@@ -1,0 +1,845 @@
+"""CTC loss variants (focal, re-weighted, smoothed, max-entropy) against independent references.
+
+Expected values never come from the code under test: they are computed here from
+``torch.nn.functional.ctc_loss`` (focal), from the exhaustive enumeration in ``brute_force``
+(posteriors, path entropy, negative log-likelihood), or from a differentiable enumeration written
+below on top of ``brute_force.alignments`` (exact gradients of the path entropy).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import brute_force as bf
+from losses import (
+    FocalCTCLoss,
+    MaxEntropyCTCLoss,
+    ReweightedCTCLoss,
+    SmoothedCTCLoss,
+    ctc_loss,
+    ctc_path_entropy,
+)
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny random batches and hand-written references
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    logits: torch.Tensor  # (T, B, C) float64, unnormalised
+    labels: list[list[int]]
+    input_lengths: list[int]
+    blank: int
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        return self.logits.log_softmax(-1)
+
+    @property
+    def target_lengths(self) -> list[int]:
+        return [len(row) for row in self.labels]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[2]
+
+    def padded(self, extra: int = 1) -> torch.Tensor:
+        """(B, S) labels padded with junk (valid, non-blank where possible) ids past each row's length."""
+        width = max(self.target_lengths + [0]) + extra
+        filler = (self.blank + 1) % self.num_classes
+        rows = [row + [filler] * (width - len(row)) for row in self.labels]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
+
+    def concatenated(self) -> torch.Tensor:
+        return torch.tensor([c for row in self.labels for c in row], dtype=torch.long)
+
+    def args(self, log_probs: torch.Tensor | None = None, concatenated: bool = False):
+        """``F.ctc_loss``'s positional tensors."""
+        log_probs = self.log_probs if log_probs is None else log_probs
+        targets = self.concatenated() if concatenated else self.padded()
+        return (
+            log_probs,
+            targets,
+            torch.tensor(self.input_lengths, dtype=torch.long),
+            torch.tensor(self.target_lengths, dtype=torch.long),
+        )
+
+    def sample(self, b: int, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """(T_b, C) log-probs of sample ``b`` (its valid frames only)."""
+        log_probs = self.log_probs if log_probs is None else log_probs
+        return log_probs[: self.input_lengths[b], b]
+
+
+def needed_frames(labels: list[int]) -> int:
+    return len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
+
+
+def random_batch(
+    seed: int,
+    blank_last: bool = False,
+    feasible: bool = False,
+    max_frames: int = 5,
+    max_classes: int = 4,
+    max_batch: int = 3,
+    max_label_len: int = 3,
+    requires_grad: bool = False,
+) -> Batch:
+    """Tiny float64 batch; input lengths vary (0 .. T), targets may be empty or repeat labels.
+
+    ``feasible``: every sample has an alignment (input_length >= labels + repeats).
+    """
+    rng = random.Random(seed)
+    num_classes = rng.randint(2, max_classes)
+    blank = num_classes - 1 if blank_last else 0
+    classes = [c for c in range(num_classes) if c != blank]
+    batch = rng.randint(1, max_batch)
+    labels = [[rng.choice(classes) for _ in range(rng.randint(0, max_label_len))] for _ in range(batch)]
+    num_frames = rng.randint(1, max_frames)
+    if feasible:
+        num_frames = max(num_frames, max(needed_frames(row) for row in labels))
+        input_lengths = [rng.randint(needed_frames(row), num_frames) for row in labels]
+        input_lengths[0] = num_frames
+    else:
+        input_lengths = [num_frames] + [rng.randint(0, num_frames) for _ in range(batch - 1)]
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    logits = 1.5 * torch.randn(num_frames, batch, num_classes, generator=generator, dtype=torch.float64)
+    return Batch(logits.requires_grad_(requires_grad), labels, input_lengths, blank)
+
+
+def fixed_batch(requires_grad: bool = False, blank: int = 0) -> Batch:
+    """B = 4 with repeats, an empty target and a shorter input; every sample feasible. C = 4, T = 5."""
+    other = [c for c in range(4) if c != blank]
+    a, b, c = other
+    labels = [[a, a], [a, b, a], [], [c]]
+    generator = torch.Generator().manual_seed(1234)
+    logits = torch.randn(5, 4, 4, generator=generator, dtype=torch.float64)
+    return Batch(logits.requires_grad_(requires_grad), labels, [5, 4, 3, 2], blank)
+
+
+def reduce(losses: torch.Tensor, target_lengths, reduction: str) -> torch.Tensor:
+    """``F.ctc_loss``'s reductions, written out."""
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    lengths = torch.as_tensor(target_lengths, dtype=losses.dtype).clamp_min(1)
+    return (losses / lengths).mean()
+
+
+def close(actual: torch.Tensor, expected, rtol: float = 1e-7, atol: float = 1e-9) -> None:
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=False)
+
+
+def grad_of(value: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(value, wrt)
+    return grad
+
+
+# ---- alignment-target (cross-entropy) references from brute-force posteriors, plain Python loops ----
+
+
+def reweight_reference(gamma: torch.Tensor, labels: list[int], blank: int, alpha: float, mode: str) -> torch.Tensor:
+    """Li et al. 2019 re-weighting of one sample's (T_b, C) posteriors, written out by hand."""
+    num_frames, num_classes = gamma.shape
+    if mode == "none":
+        return gamma.clone()
+    if mode == "plain":
+        out = gamma.clone()
+        for t in range(num_frames):
+            for c in range(num_classes):
+                out[t, c] = gamma[t, c] * ((1 - alpha) if c == blank else alpha)
+        return out
+    assert mode == "balanced"
+    if not labels:  # documented: an empty target keeps its (all-blank) posteriors
+        return gamma.clone()
+    total_labels = len(labels)
+    wanted = [
+        (1 - alpha) / alpha * total_labels if c == blank else float(labels.count(c)) for c in range(num_classes)
+    ]
+    mass = [sum(gamma[t, c].item() for t in range(num_frames)) for c in range(num_classes)]
+    scale = [wanted[c] / mass[c] if mass[c] > 0 else 0.0 for c in range(num_classes)]
+    rescaled = gamma.clone()
+    for t in range(num_frames):
+        for c in range(num_classes):
+            rescaled[t, c] = gamma[t, c] * scale[c]
+    # before renormalisation: label classes hold exactly their counts, blank (1-a)/a * L, so the
+    # non-blank share of the sample's target mass is alpha (when blank has any posterior mass at all)
+    if mass[blank] > 0:
+        label_mass = sum(rescaled[:, c].sum().item() for c in range(num_classes) if c != blank)
+        assert math.isclose(label_mass / rescaled.sum().item(), alpha, rel_tol=1e-9)
+        for c in set(labels):
+            assert math.isclose(rescaled[:, c].sum().item(), labels.count(c), rel_tol=1e-9)
+    out = rescaled.clone()
+    for t in range(num_frames):
+        frame = rescaled[t].sum().item()
+        if frame > 0:
+            out[t] = rescaled[t] / frame
+    return out
+
+
+def cross_entropy(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """-sum q log y with 0 log 0 = 0."""
+    total = torch.zeros((), dtype=log_probs.dtype)
+    for t in range(target.shape[0]):
+        for c in range(target.shape[1]):
+            if target[t, c] > 0:
+                total = total - target[t, c] * log_probs[t, c]
+    return total
+
+
+def alignment_loss_reference(batch: Batch, transform, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) cross-entropy against ``transform(posteriors, labels)`` per sample; inf without any alignment."""
+    log_probs = batch.log_probs.detach() if log_probs is None else log_probs
+    out = []
+    for b, labels in enumerate(batch.labels):
+        sample = batch.sample(b, log_probs)
+        if math.isinf(bf.ctc_nll(sample, labels, batch.blank)):
+            out.append(torch.tensor(math.inf, dtype=torch.float64))
+            continue
+        gamma = bf.posteriors(sample, labels, batch.blank)
+        out.append(cross_entropy(transform(gamma, labels), sample.double()))
+    return torch.stack(out)
+
+
+# ---- differentiable enumeration (exact gradients of nll and path entropy) ----
+
+
+def enumerated_nll_entropy(sample: torch.Tensor, labels: list[int], blank: int):
+    """Differentiable ``(nll, H)`` of one (T_b, C) sample by summing over ``bf.alignments`` with torch ops."""
+    num_frames, num_classes = sample.shape
+    paths = bf.alignments(num_frames, num_classes, labels, blank)
+    if not paths:
+        return torch.tensor(math.inf, dtype=sample.dtype), torch.zeros((), dtype=sample.dtype)
+    frames = torch.arange(num_frames)
+    scores = torch.stack([sample[frames, torch.tensor(path, dtype=torch.long)].sum() for path in paths])
+    log_norm = scores.logsumexp(0)
+    log_posterior = scores - log_norm
+    return -log_norm, -(log_posterior.exp() * log_posterior).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Focal CTC
+# ----------------------------------------------------------------------------------------------------
+
+
+def focal_reference(batch: Batch, alpha: float, gamma: float, reduction: str, log_probs=None, detach=False):
+    """alpha * (1 - e^-L)^gamma * L computed directly from F.ctc_loss (float64)."""
+    nll = F.ctc_loss(*batch.args(log_probs), blank=batch.blank, reduction="none", zero_infinity=False)
+    weight = alpha * (1 - torch.exp(-nll)) ** gamma
+    if detach:
+        weight = weight.detach()
+    return reduce(weight * nll, batch.target_lengths, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("alpha,gamma", [(1.0, 2.0), (0.25, 0.5), (2.0, 0.0), (0.5, 3.0)])
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_focal_value_and_gradient_match_direct_formula(reduction, alpha, gamma, blank_last):
+    for seed in range(3):
+        batch = random_batch(100 * seed + 7 * blank_last, blank_last=blank_last, feasible=True, requires_grad=True)
+        module = FocalCTCLoss(alpha=alpha, gamma=gamma, blank=batch.blank, reduction=reduction)
+        got = module(*batch.args())
+        expected = focal_reference(batch, alpha, gamma, reduction)
+        close(got, expected.detach())
+        assert got.dtype == torch.float64
+        close(grad_of(got.sum(), batch.logits), grad_of(expected.sum(), batch.logits))
+
+
+def test_focal_defaults_and_weight_is_differentiated():
+    module = FocalCTCLoss()
+    assert (module.alpha, module.gamma, module.detach_weight) == (1.0, 2.0, False)
+    batch = fixed_batch(requires_grad=True)
+    got = FocalCTCLoss(reduction="sum")(*batch.args())
+    detached = focal_reference(batch, 1.0, 2.0, "sum", detach=True)
+    # the default (weight not detached) must not equal the detached-weight gradient
+    difference = grad_of(got, batch.logits) - grad_of(detached, batch.logits)
+    assert difference.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("blank", [0, 3])
+def test_focal_detach_weight_gradient_is_weight_times_ctc_gradient(reduction, blank):
+    batch = fixed_batch(requires_grad=True, blank=blank)
+    alpha, gamma = 0.7, 2.0
+    got = FocalCTCLoss(alpha, gamma, detach_weight=True, blank=blank, reduction=reduction)(*batch.args())
+    nll = F.ctc_loss(*batch.args(), blank=blank, reduction="none")
+    weight = (alpha * (1 - torch.exp(-nll)) ** gamma).detach()
+    close(got, reduce(weight * nll, batch.target_lengths, reduction).detach())
+    # d/dlogits of the reduced loss = sum_i (d reduce / d loss_i) * weight_i * dL_i / dlogits
+    per_sample_factor = {
+        "none": torch.ones(4, dtype=torch.float64),
+        "sum": torch.ones(4, dtype=torch.float64),
+        "mean": 1.0 / torch.tensor(batch.target_lengths, dtype=torch.float64).clamp_min(1) / 4,
+    }[reduction]
+    expected = torch.zeros_like(batch.logits)
+    for i in range(4):
+        (dl,) = torch.autograd.grad(nll[i], batch.logits, retain_graph=True)
+        expected += per_sample_factor[i] * weight[i] * dl
+    close(grad_of(got.sum(), batch.logits), expected)
+
+
+def infeasible_batch(requires_grad: bool = True) -> Batch:
+    """Sample 1 is infeasible (target [1, 1] needs 3 frames, has 2); samples 0 and 2 are fine."""
+    generator = torch.Generator().manual_seed(99)
+    logits = torch.randn(4, 3, 3, generator=generator, dtype=torch.float64).requires_grad_(requires_grad)
+    return Batch(logits, [[1, 2], [1, 1], [2]], [4, 2, 3], blank=0)
+
+
+LOSS_FACTORIES = {
+    "focal": lambda **kw: FocalCTCLoss(**kw),
+    "focal_detached": lambda **kw: FocalCTCLoss(detach_weight=True, **kw),
+    "reweighted_balanced": lambda **kw: ReweightedCTCLoss(alpha=0.3, mode="balanced", **kw),
+    "reweighted_plain": lambda **kw: ReweightedCTCLoss(alpha=0.7, mode="plain", **kw),
+    "reweighted_none": lambda **kw: ReweightedCTCLoss(mode="none", **kw),
+    "smoothed": lambda **kw: SmoothedCTCLoss(epsilon=0.2, **kw),
+    "max_entropy": lambda **kw: MaxEntropyCTCLoss(beta=0.3, **kw),
+    "max_entropy_1": lambda **kw: MaxEntropyCTCLoss(beta=1.0, **kw),
+}
+
+
+def make_loss(name: str, **kwargs):
+    """One loss module (by name) built with the common constructor arguments ``kwargs``."""
+    return LOSS_FACTORIES[name](**kwargs)
+
+
+LOSS_NAMES = list(LOSS_FACTORIES)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_infeasible_sample_gives_inf_or_zero_with_zero_infinity(name, reduction):
+    batch = infeasible_batch()
+    plain = make_loss(name, reduction="none")(*batch.args())
+    assert math.isinf(plain[1].item()) and plain[1].item() > 0
+    assert plain[[0, 2]].isfinite().all()
+    if reduction != "none":
+        reduced = make_loss(name, reduction=reduction)(*batch.args())
+        assert math.isinf(reduced.item()) and reduced.item() > 0
+
+    zeroed = make_loss(name, reduction=reduction, zero_infinity=True)(*batch.args())
+    finite = plain.detach().clone()
+    finite[1] = 0.0
+    close(zeroed.detach(), reduce(finite, batch.target_lengths, reduction))
+    grad = grad_of(zeroed.sum(), batch.logits)
+    assert grad.isfinite().all()
+    assert (grad[:, 1] == 0).all()
+    if reduction == "sum":  # the feasible samples' gradient is unaffected by their infeasible neighbour
+        alone = Batch(batch.logits[:, [0, 2]], [batch.labels[0], batch.labels[2]], [4, 3], 0)
+        without_neighbour = make_loss(name, reduction="sum")(*alone.args())
+        close(grad[:, [0, 2]], grad_of(without_neighbour, batch.logits)[:, [0, 2]])
+
+
+def test_focal_zero_infinity_matches_direct_formula():
+    batch = infeasible_batch()
+    got = FocalCTCLoss(reduction="none", zero_infinity=True)(*batch.args())
+    nll = F.ctc_loss(*batch.args(), reduction="none", zero_infinity=True)
+    close(got, ((1 - torch.exp(-nll)) ** 2 * nll).detach())
+    assert got[1] == 0
+    without = FocalCTCLoss(reduction="none")(*batch.args())
+    assert without[1] == math.inf
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_focal_ctc_implementation_is_swappable(reduction, zero_infinity, blank_last):
+    for seed in range(2):
+        batch = random_batch(500 + seed + 10 * blank_last, blank_last=blank_last, feasible=not zero_infinity,
+                             requires_grad=True)
+        kwargs = dict(alpha=0.8, gamma=1.5, blank=batch.blank, reduction=reduction, zero_infinity=zero_infinity)
+        results = []
+        for ctc in (F.ctc_loss, ctc_loss, functools.partial(ctc_loss, backward="autograd")):
+            value = FocalCTCLoss(ctc=ctc, **kwargs)(*batch.args())
+            grad = grad_of(value.sum(), batch.logits) if value.isfinite().all() else None
+            results.append((value.detach(), grad))
+        for value, grad in results[1:]:
+            close(value, results[0][0])
+            if grad is not None:
+                close(grad, results[0][1])
+
+
+def test_focal_zero_loss_sample_has_finite_gradient():
+    """An empty target on an empty input has L = 0 exactly; d/dL[(1-e^-L)^g L] = 0 there for any g > 0."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    batch = Batch(logits, [[1, 2], []], [3, 0], blank=0)
+    for gamma in (0.5, 1.0, 2.0):
+        loss = FocalCTCLoss(gamma=gamma, reduction="sum")(*batch.args())
+        expected = focal_reference(batch, 1.0, gamma, "sum")
+        close(loss, expected.detach())
+        grad = grad_of(loss, logits)
+        assert grad.isfinite().all(), f"gamma={gamma}: {grad}"
+        assert (grad[:, 1] == 0).all()
+        # sample 0 alone gives the same gradient
+        alone = focal_reference(Batch(logits, [[1, 2]], [3], 0), 1.0, gamma, "sum",
+                                log_probs=logits[:, :1].log_softmax(-1))
+        close(grad[:, 0], grad_of(alone, logits)[:, 0])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(alpha=0.0), dict(alpha=-1.0), dict(gamma=-0.5), dict(reduction="avg"), dict(reduction=None)]
+)
+def test_focal_rejects_bad_parameters(kwargs):
+    with pytest.raises(ValueError):
+        FocalCTCLoss(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Re-weighted CTC
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_reweighted_none_gradient_equals_ctc_and_value_is_nll_plus_entropy(blank_last):
+    for seed in range(4):
+        batch = random_batch(40 + seed + 10 * blank_last, blank_last=blank_last, feasible=True, requires_grad=True)
+        loss = ReweightedCTCLoss(mode="none", blank=batch.blank, reduction="sum")(*batch.args())
+        reference = F.ctc_loss(*batch.args(), blank=batch.blank, reduction="sum")
+        close(grad_of(loss, batch.logits), grad_of(reference, batch.logits))
+
+        per_sample = ReweightedCTCLoss(mode="none", blank=batch.blank, reduction="none")(*batch.args())
+        log_probs = batch.log_probs.detach()
+        expected = [
+            bf.ctc_nll(batch.sample(b, log_probs), row, batch.blank)
+            + bf.path_entropy(batch.sample(b, log_probs), row, batch.blank)
+            for b, row in enumerate(batch.labels)
+        ]
+        close(per_sample.detach(), expected)
+
+
+@pytest.mark.parametrize("mode,alpha", [("plain", 0.3), ("plain", 0.8), ("balanced", 0.5), ("balanced", 0.2),
+                                        ("balanced", 0.9), ("none", 0.4)])
+@pytest.mark.parametrize("blank_last", [False, True])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_reweighted_matches_hand_written_reference(mode, alpha, blank_last, concatenated):
+    for seed in range(3):
+        batch = random_batch(700 + 13 * seed + blank_last, blank_last=blank_last, requires_grad=True)
+        module = ReweightedCTCLoss(alpha=alpha, mode=mode, blank=batch.blank, reduction="none")
+        got = module(*batch.args(concatenated=concatenated))
+        transform = functools.partial(reweight_reference, blank=batch.blank, alpha=alpha, mode=mode)
+        expected = alignment_loss_reference(batch, transform)
+        close(got.detach(), expected)
+        # gradient: d/dlogits of -sum q log_softmax = softmax * sum_c q - q, with q the (detached) target
+        finite = got.isfinite()
+        if finite.any():  # the reference's cross-entropy is differentiable in log_probs, its target detached
+            reference = alignment_loss_reference(batch, transform, log_probs=batch.log_probs)
+            close(grad_of(got[finite].sum(), batch.logits), grad_of(reference[finite].sum(), batch.logits))
+
+
+def test_reweighted_balanced_by_hand():
+    """T = 3, target [1], blank 0, posteriors worked out on paper from the brute-force enumeration."""
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    log_probs = probs.log()[:, None, :]
+    paths = bf.alignments(3, 2, [1], 0)
+    assert sorted(paths) == sorted([(0, 0, 1), (0, 1, 1), (1, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0)])
+    # each path equally likely: gamma[t, 1] = #paths with 1 at t / 6
+    gamma1 = torch.tensor([3, 4, 3], dtype=torch.float64) / 6
+    # balanced with alpha 0.5: label mass 10/6 -> 1 (scale 0.6), blank mass 8/6 -> 1 (scale 0.75)
+    label = gamma1 * 0.6
+    blank = (1 - gamma1) * 0.75
+    target = torch.stack([blank, label], 1)
+    target = target / target.sum(1, keepdim=True)
+    expected = -(target * log_probs[:, 0]).sum()
+    got = ReweightedCTCLoss(alpha=0.5, mode="balanced", reduction="sum")(
+        log_probs, torch.tensor([[1]]), torch.tensor([3]), torch.tensor([1])
+    )
+    close(got, expected)
+    close(target[:, 1], torch.tensor([4 / 9, 8 / 13, 4 / 9], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["balanced", "plain", "none"])
+def test_reweighted_empty_target(mode):
+    """An empty target's posteriors are all blank on valid frames."""
+    generator = torch.Generator().manual_seed(3)
+    log_probs = torch.randn(4, 2, 3, generator=generator, dtype=torch.float64).log_softmax(-1)
+    args = (log_probs, torch.tensor([[1, 2], [1, 1]]), torch.tensor([4, 3]), torch.tensor([0, 0]))
+    got = ReweightedCTCLoss(alpha=0.25, mode=mode, reduction="none")(*args)
+    factor = 0.75 if mode == "plain" else 1.0
+    expected = [-factor * log_probs[:4, 0, 0].sum(), -factor * log_probs[:3, 1, 0].sum()]
+    close(got, torch.stack(expected))
+    mean = ReweightedCTCLoss(alpha=0.25, mode=mode, reduction="mean")(*args)
+    close(mean, torch.stack(expected).mean())
+
+
+@pytest.mark.parametrize("ctc", [F.ctc_loss, ctc_loss, functools.partial(ctc_loss, backward="autograd")])
+@pytest.mark.parametrize("mode", ["balanced", "plain"])
+def test_reweighted_any_ctc_implementation_gives_the_same_targets(ctc, mode):
+    batch = fixed_batch(blank=3)
+    got = ReweightedCTCLoss(alpha=0.6, mode=mode, blank=3, reduction="none", ctc=ctc)(*batch.args())
+    transform = functools.partial(reweight_reference, blank=3, alpha=0.6, mode=mode)
+    close(got, alignment_loss_reference(batch, transform))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(alpha=0.0), dict(alpha=1.0), dict(alpha=-0.2), dict(alpha=1.5), dict(mode="foo"), dict(mode=None),
+     dict(reduction="avg")],
+)
+def test_reweighted_rejects_bad_parameters(kwargs):
+    with pytest.raises(ValueError):
+        ReweightedCTCLoss(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Smoothed CTC
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_smoothed_matches_brute_force(epsilon, blank_last):
+    batches = [random_batch(900 + 7 * seed + blank_last, blank_last=blank_last, requires_grad=True) for seed in range(3)]
+    batches.append(fixed_batch(requires_grad=True, blank=3 if blank_last else 0))  # shorter inputs: padded frames
+    for batch in batches:
+        got = SmoothedCTCLoss(epsilon=epsilon, blank=batch.blank, reduction="none")(*batch.args())
+
+        def transform(gamma, labels):
+            return (1 - epsilon) * gamma + epsilon / gamma.shape[1]
+
+        close(got.detach(), alignment_loss_reference(batch, transform))
+        finite = got.isfinite()
+        if finite.any():
+            # gradient w.r.t. logits of CE against a detached target q (rows summing to 1): softmax - q
+            got_grad = grad_of(got[finite].sum(), batch.logits)
+            softmax = batch.logits.detach().softmax(-1)
+            expected = torch.zeros_like(softmax)
+            for b, labels in enumerate(batch.labels):
+                if not finite[b]:
+                    continue
+                n = batch.input_lengths[b]
+                q = transform(bf.posteriors(batch.sample(b).detach(), labels, batch.blank), labels)
+                expected[:n, b] = softmax[:n, b] - q
+            close(got_grad, expected)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_smoothed_epsilon_zero_is_reweighted_none_and_ctc_gradient(reduction):
+    batch = fixed_batch(requires_grad=True)
+    smoothed = SmoothedCTCLoss(epsilon=0.0, reduction=reduction)(*batch.args())
+    none = ReweightedCTCLoss(mode="none", reduction=reduction)(*batch.args())
+    close(smoothed.detach(), none.detach())
+    ctc = F.ctc_loss(*batch.args(), reduction=reduction)
+    close(grad_of(smoothed.sum(), batch.logits), grad_of(ctc.sum(), batch.logits))
+
+
+@pytest.mark.parametrize("kwargs", [dict(epsilon=-0.1), dict(epsilon=1.1), dict(reduction="avg")])
+def test_smoothed_rejects_bad_parameters(kwargs):
+    with pytest.raises(ValueError):
+        SmoothedCTCLoss(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Maximum-entropy CTC
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_ctc_path_entropy_matches_brute_force(blank_last, concatenated):
+    batches = [random_batch(300 + 17 * seed + blank_last, blank_last=blank_last) for seed in range(6)]
+    batches.append(fixed_batch(blank=3 if blank_last else 0))
+    for batch in batches:
+        log_probs = batch.log_probs.detach()
+        nll, entropy = ctc_path_entropy(*batch.args(log_probs, concatenated), blank=batch.blank)
+        expected_nll = [bf.ctc_nll(batch.sample(b, log_probs), row, batch.blank) for b, row in enumerate(batch.labels)]
+        expected_h = [bf.path_entropy(batch.sample(b, log_probs), row, batch.blank) for b, row in enumerate(batch.labels)]
+        close(nll, expected_nll)
+        close(entropy, expected_h)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_max_entropy_beta_zero_is_ctc(reduction, blank_last):
+    for seed in range(2):
+        batch = random_batch(30 + seed + 5 * blank_last, blank_last=blank_last, feasible=True, requires_grad=True)
+        got = MaxEntropyCTCLoss(beta=0.0, blank=batch.blank, reduction=reduction)(*batch.args())
+        expected = F.ctc_loss(*batch.args(), blank=batch.blank, reduction=reduction)
+        close(got, expected.detach())
+        close(grad_of(got.sum(), batch.logits), grad_of(expected.sum(), batch.logits))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_max_entropy_value_and_exact_gradient(beta, reduction):
+    batches = [random_batch(60 + seed, feasible=True, requires_grad=True) for seed in range(3)]
+    batches.append(fixed_batch(requires_grad=True, blank=2))
+    for batch in batches:
+        got = MaxEntropyCTCLoss(beta=beta, blank=batch.blank, reduction=reduction)(*batch.args())
+        log_probs = batch.log_probs.detach()
+        expected_value = [
+            (1 - beta) * bf.ctc_nll(batch.sample(b, log_probs), row, batch.blank)
+            - beta * bf.path_entropy(batch.sample(b, log_probs), row, batch.blank)
+            for b, row in enumerate(batch.labels)
+        ]
+        close(got.detach(), reduce(torch.tensor(expected_value, dtype=torch.float64), batch.target_lengths, reduction))
+        # exact gradient from the differentiable enumeration
+        terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
+        exact = reduce(torch.stack([(1 - beta) * nll - beta * h for nll, h in terms]), batch.target_lengths, reduction)
+        close(grad_of(got.sum(), batch.logits), grad_of(exact.sum(), batch.logits))
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_max_entropy_gradcheck(beta, reduction):
+    targets = torch.tensor([[1, 2], [1, 1], [2, 0]])
+    input_lengths, target_lengths = torch.tensor([4, 3, 2]), torch.tensor([2, 2, 1])
+    logits = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    module = MaxEntropyCTCLoss(beta=beta, reduction=reduction)
+
+    def loss(x):
+        return module(x.log_softmax(-1), targets, input_lengths, target_lengths)
+
+    assert torch.autograd.gradcheck(loss, (logits.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_max_entropy_double_backward_term_matters():
+    """Treating gamma as a constant in H = -L - sum gamma log y gives a different (wrong) gradient."""
+    batch = fixed_batch(requires_grad=True)
+    beta = 0.5
+    got = MaxEntropyCTCLoss(beta=beta, reduction="sum")(*batch.args())
+    got_grad = grad_of(got, batch.logits)
+
+    log_probs = batch.log_probs
+    nll = F.ctc_loss(*batch.args(log_probs), reduction="none")
+    approx_h = []
+    for b, labels in enumerate(batch.labels):
+        sample = batch.sample(b, log_probs)
+        gamma = bf.posteriors(sample.detach(), labels, batch.blank)  # detached posteriors
+        approx_h.append(-nll[b] - (gamma * sample).sum())
+    approx = ((1 - beta) * nll - beta * torch.stack(approx_h)).sum()
+    close(got.detach(), approx.detach())  # same value ...
+    approx_grad = grad_of(approx, batch.logits)
+    assert (got_grad - approx_grad).abs().max() > 1e-2  # ... different gradient
+
+    terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
+    exact = sum((1 - beta) * nll_b - beta * h for nll_b, h in terms)
+    close(got_grad, grad_of(exact, batch.logits))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_max_entropy_under_no_grad(reduction):
+    batch = fixed_batch(requires_grad=True)
+    module = MaxEntropyCTCLoss(beta=0.4, reduction=reduction)
+    with_grad = module(*batch.args())
+    with torch.no_grad():
+        without = module(*batch.args())
+        plain = module(*batch.args(batch.log_probs.detach()))
+    assert not without.requires_grad
+    close(without, with_grad.detach())
+    close(plain, with_grad.detach())
+    # an input that does not require grad, under grad mode
+    close(module(*batch.args(batch.log_probs.detach())), with_grad.detach())
+
+
+def test_max_entropy_infeasible_values():
+    batch = infeasible_batch()
+    got = MaxEntropyCTCLoss(beta=0.5, reduction="none")(*batch.args())
+    assert got[1] == math.inf
+    nll, entropy = ctc_path_entropy(*batch.args())
+    assert nll[1] == math.inf and entropy[1] == 0
+    log_probs = batch.log_probs.detach()
+    for b in (0, 2):
+        sample = batch.sample(b, log_probs)
+        expected = 0.5 * bf.ctc_nll(sample, batch.labels[b], 0) - 0.5 * bf.path_entropy(sample, batch.labels[b], 0)
+        close(got[b].detach(), expected)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.1])
+def test_max_entropy_rejects_bad_parameters(beta):
+    with pytest.raises(ValueError):
+        MaxEntropyCTCLoss(beta=beta)
+    with pytest.raises(ValueError):
+        MaxEntropyCTCLoss(reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Properties shared by every loss module
+# ----------------------------------------------------------------------------------------------------
+
+
+def masked_batch(fill: float, requires_grad: bool = True):
+    """C = 5, blank 0; targets use classes 1 and 2 only; classes 3 and 4 get ``fill`` on most frames."""
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 3, 5, generator=generator)
+    log_probs = logits.log_softmax(-1)
+    mask = torch.zeros_like(log_probs, dtype=torch.bool)
+    mask[:, :, 3] = True
+    mask[1::2, :, 4] = True
+    log_probs = log_probs.masked_fill(mask, fill).detach().requires_grad_(requires_grad)
+    targets = torch.tensor([[1, 2, 1], [2, 2, 0], [1, 0, 0]])
+    return log_probs, targets, torch.tensor([6, 5, 3]), torch.tensor([3, 2, 1])
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("fill", [-math.inf, -1e30])
+def test_no_nan_with_minus_inf_or_huge_negative_log_probs(name, fill):
+    log_probs, targets, input_lengths, target_lengths = masked_batch(fill)
+    module = make_loss(name, reduction="none")
+    value = module(log_probs, targets, input_lengths, target_lengths)
+    assert not value.isnan().any()
+    if name == "smoothed" and fill == -math.inf:
+        # label smoothing puts epsilon / C on every class: cross-entropy with a zero-probability class is +inf
+        assert (value == math.inf).all()
+    else:
+        assert value.isfinite().all()
+    (grad,) = torch.autograd.grad(value.sum(), log_probs)
+    assert not grad.isnan().any()
+    assert grad.isfinite().all()
+    # the masked classes are never on any alignment: their values must not change the loss
+    clean_log_probs = masked_batch(-50.0)[0]
+    if name != "smoothed":
+        reference = module(clean_log_probs, targets, input_lengths, target_lengths)
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_no_nan_with_minus_inf_on_a_needed_class_at_some_frames(name):
+    """-inf on blank at frame 0 and on label 1 at the last frame: still feasible, gradients must stay finite."""
+    generator = torch.Generator().manual_seed(12)
+    log_probs = torch.randn(5, 2, 3, generator=generator).log_softmax(-1)
+    log_probs[0, :, 0] = -math.inf
+    log_probs[4, :, 1] = -math.inf
+    log_probs.requires_grad_()
+    args = (log_probs, torch.tensor([[1, 2], [1, 1]]), torch.tensor([5, 4]), torch.tensor([2, 2]))
+    value = make_loss(name, reduction="sum")(*args)
+    if name == "smoothed":
+        assert value == math.inf
+    else:
+        assert value.isfinite()
+    (grad,) = torch.autograd.grad(value, log_probs)
+    assert not grad.isnan().any(), grad
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_float32_losses(name, dtype):
+    batch = fixed_batch()
+    log_probs = batch.log_probs.float()
+    module = make_loss(name, reduction="none")
+    half = log_probs.to(dtype).requires_grad_()
+    got = module(*batch.args(half))
+    assert got.dtype == torch.float32
+    # same (rounded) input in float32: the same computation
+    rounded = module(*batch.args(half.detach().float()))
+    torch.testing.assert_close(got, rounded, rtol=1e-5, atol=1e-5)
+    # and close to the unrounded float32 result
+    torch.testing.assert_close(got.detach(), module(*batch.args(log_probs)), rtol=5e-2, atol=5e-2)
+    (grad,) = torch.autograd.grad(got.sum(), half)
+    assert grad.dtype == dtype and grad.isfinite().all()
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_concatenated_targets_equal_padded(name, blank_last):
+    for seed in range(3):
+        batch = random_batch(1000 + seed + 50 * blank_last, blank_last=blank_last, requires_grad=True)
+        module = make_loss(name, blank=batch.blank, reduction="none", zero_infinity=True)
+        padded = module(*batch.args())
+        concatenated = module(*batch.args(concatenated=True))
+        close(concatenated, padded)
+        close(grad_of(concatenated.sum(), batch.logits), grad_of(padded.sum(), batch.logits))
+        # lengths given as plain Python lists
+        log_probs, targets, _, _ = batch.args()
+        close(module(log_probs, targets, batch.input_lengths, batch.target_lengths), padded)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_reductions_are_consistent(name, zero_infinity):
+    if zero_infinity:
+        batch = infeasible_batch()
+    else:  # mixed target lengths, including an empty target on an empty input (mean divides by max(len, 1))
+        base = random_batch(77, feasible=True, max_batch=4)
+        extra = torch.randn(base.logits.shape[0], 1, base.num_classes, dtype=torch.float64)
+        batch = Batch(torch.cat([base.logits, extra], 1), base.labels + [[]], base.input_lengths + [0], base.blank)
+    kwargs = dict(blank=batch.blank, zero_infinity=zero_infinity)
+    none = make_loss(name, reduction="none", **kwargs)(*batch.args())
+    total = make_loss(name, reduction="sum", **kwargs)(*batch.args())
+    mean = make_loss(name, reduction="mean", **kwargs)(*batch.args())
+    assert none.shape == (len(batch.labels),) and total.shape == mean.shape == ()
+    lengths = torch.tensor(batch.target_lengths, dtype=none.dtype).clamp_min(1)
+    close(total, none.sum())
+    close(mean, (none / lengths).mean())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_frames_past_input_length_are_ignored(name):
+    """Changing log-probs past each sample's input length changes neither the loss nor the other gradients."""
+    batch = fixed_batch(requires_grad=True)  # input lengths 5, 4, 3, 2 of T = 5
+    padding = torch.arange(5)[:, None] >= torch.tensor(batch.input_lengths)  # (T, B)
+    noise = torch.randn(batch.logits.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    changed = torch.where(padding[..., None], 5 * noise, batch.logits.detach()).requires_grad_()
+    module = make_loss(name, reduction="none")
+    value = module(*batch.args())
+    other = module(*Batch(changed, batch.labels, batch.input_lengths, 0).args())
+    close(other.detach(), value.detach())
+    grad, other_grad = grad_of(value.sum(), batch.logits), grad_of(other.sum(), changed)
+    assert (grad[padding] == 0).all() and (other_grad[padding] == 0).all()
+    close(other_grad, grad)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_modules_reject_bad_reduction(name):
+    with pytest.raises(ValueError):
+        make_loss(name, reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation under inference_mode, and samples whose every alignment has probability 0
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        name for name in LOSS_NAMES
+    ],
+)
+def test_losses_work_under_inference_mode(name):
+    batch = fixed_batch()
+    module = make_loss(name, reduction="mean", zero_infinity=True)
+    expected = module(*batch.args())
+    with torch.inference_mode():
+        got = module(*batch.args())
+    close(got, expected)
+
+
+def zero_probability_batch(requires_grad: bool = True):
+    """Sample 0 (target [1], 3 frames) is long enough but class 1 has log-prob -inf on every frame: p(l|x) = 0."""
+    generator = torch.Generator().manual_seed(21)
+    log_probs = torch.randn(3, 2, 3, generator=generator, dtype=torch.float64).log_softmax(-1)
+    log_probs[:, 0, 1] = -math.inf
+    args = (torch.tensor([[1], [2]]), torch.tensor([3, 3]), torch.tensor([1, 1]))
+    return log_probs.requires_grad_(requires_grad), args
+
+
+def zero_probability_params():
+    for name in LOSS_NAMES:
+        for zero_infinity in (False, True):
+            yield pytest.param(name, zero_infinity, id=f"{name}-zero_infinity={zero_infinity}")
+
+
+@pytest.mark.parametrize("name,zero_infinity", list(zero_probability_params()))
+def test_zero_probability_sample_behaves_like_ctc(name, zero_infinity):
+    """No alignment with positive probability: like F.ctc_loss, inf, or 0 with zero gradient (never NaN)."""
+    log_probs, args = zero_probability_batch()
+    expected = F.ctc_loss(log_probs, *args, reduction="none", zero_infinity=zero_infinity)
+    assert expected[0] == (0 if zero_infinity else math.inf)
+    value = make_loss(name, reduction="none", zero_infinity=zero_infinity)(log_probs, *args)
+    assert value[0] == expected[0], value
+    assert value[1].isfinite()
+    if zero_infinity:
+        (grad,) = torch.autograd.grad(value.sum(), log_probs)
+        assert not grad.isnan().any(), grad
+        assert (grad[:, 0] == 0).all()
