@@ -1,0 +1,230 @@
+"""Batching (:func:`collate_lines`), samplers (epoch-aware, length-grouped) and :class:`SyntheticDataModule`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from data.charset import Charset
+from data.synthetic import SyntheticLines, make_renderer
+
+SPLITS = ("train", "val", "test")
+
+
+def collate_lines(samples: Sequence[dict], pad_value: float | None = None) -> dict:
+    """Batch samples ``{"image": (1, H, W_i) float, "text": str, "target": (L_i,) int64}``.
+
+    Images are right-padded to the widest one. With ``pad_value=None`` each image is padded with its
+    own median intensity, i.e. its background level (text lines are mostly background), so padding
+    adds no artificial edge whatever the polarity; a number pads every image with that constant.
+
+    Returns:
+        dict with ``"images"`` float32 ``(B, 1, H, W_max)``, ``"widths"`` int64 ``(B,)`` (unpadded
+        widths), ``"targets"`` int64 ``(B, S_max)`` (padded with 0; only the first
+        ``target_lengths[b]`` entries of row ``b`` are labels), ``"target_lengths"`` int64 ``(B,)``
+        and ``"texts"`` list of ``B`` str.
+    """
+    images = [s["image"] for s in samples]
+    targets = [s["target"] for s in samples]
+    widths = torch.tensor([im.shape[-1] for im in images], dtype=torch.long)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    channels, height = images[0].shape[:2]
+    batch = torch.empty(len(images), channels, height, int(widths.max()), dtype=images[0].dtype)
+    for b, im in enumerate(images):
+        width = im.shape[-1]
+        batch[b, ..., :width] = im
+        batch[b, ..., width:] = im.median() if pad_value is None else pad_value
+    padded_targets = torch.zeros(len(targets), int(target_lengths.max()), dtype=torch.long)
+    for b, t in enumerate(targets):
+        padded_targets[b, : len(t)] = t
+    return {
+        "images": batch,
+        "widths": widths,
+        "targets": padded_targets,
+        "target_lengths": target_lengths,
+        "texts": [s["text"] for s in samples],
+    }
+
+
+class EpochSampler(Sampler[int]):
+    """Training indices for a :class:`SyntheticLines` of nominal length ``size``, reproducible per epoch.
+
+    ``fresh=True``: epoch ``e`` yields ``e*size .. (e+1)*size - 1``, i.e. never-seen samples of the
+    dataset's virtual stream (each index is an independent random sample, so no shuffling is needed).
+    ``fresh=False``: a fixed set of ``size`` samples in a new permutation each epoch, seeded by
+    ``(seed, epoch)``. Lightning calls :meth:`set_epoch` before every epoch; used elsewhere, call it yourself.
+    """
+
+    def __init__(self, size: int, seed: int = 0, fresh: bool = True) -> None:
+        self.size = size
+        self.seed = seed
+        self.fresh = fresh
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.fresh:
+            return iter(range(self.epoch * self.size, (self.epoch + 1) * self.size))
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of samples with similar keys (e.g. text lengths), so little of a batch is padding.
+
+    The indices of ``sampler`` are taken in pools of ``pool_batches * batch_size``; each pool is
+    sorted by ``key(index)`` (stably, so ties keep the sampler's order), cut into batches, and, with
+    ``shuffle``, the pool's batches are put in an order seeded by ``(seed, epoch)``. With text
+    lengths spread evenly over 1..10, this roughly halves the padded width of a batch.
+
+    Args:
+        sampler: any sized iterable of indices, e.g. :class:`EpochSampler` (whose ``epoch`` seeds the
+            batch order; Lightning calls its ``set_epoch`` through this sampler's ``sampler``) or ``range(n)``.
+        batch_size: samples per batch; only a pool's last batch may be smaller.
+        key: index -> sort key, e.g. ``lambda i: len(dataset.text(i))``.
+    """
+
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        batch_size: int,
+        key: Callable[[int], float],
+        pool_batches: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.key = key
+        self.pool = pool_batches * batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        n, full = len(self.sampler), len(self.sampler) // self.pool
+        return full * (self.pool // self.batch_size) + math.ceil((n - full * self.pool) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, getattr(self.sampler, "epoch", 0)])
+        indices = iter(self.sampler)
+        while pool := [i for _, i in zip(range(self.pool), indices)]:
+            pool.sort(key=self.key)
+            batches = [pool[k : k + self.batch_size] for k in range(0, len(pool), self.batch_size)]
+            order = rng.permutation(len(batches)) if self.shuffle else range(len(batches))
+            yield from (batches[b] for b in order)
+
+
+class SyntheticDataModule(pl.LightningDataModule):
+    """Synthetic text lines for train/val/test, rendered on the fly.
+
+    Args:
+        kind: ``"digits"`` or ``"text"`` (see :func:`data.synthetic.make_renderer`).
+        charset: the characters (class order); ``None`` uses the kind's default.
+        min_length, max_length: inclusive text-length range.
+        height: image height in px.
+        train_size, val_size, test_size: samples per epoch / in the fixed val and test sets.
+        batch_size: samples per batch (smaller last batches are kept).
+        num_workers: rendering worker processes for training (persistent when > 0).
+        seed: base seed. Split ``k`` of ``("train", "val", "test")`` uses stream seed ``3*seed + k``,
+            so the streams are disjoint for every (seed, split) pair.
+        words: optional word list (sequence or file path) for ``kind="text"``.
+        distortion: augmentation strength in ``[0, 1]`` (0.5 = moderate).
+        blank: CTC blank class id; characters take the other ids.
+        fresh_train: if True every epoch renders new training samples (see :class:`EpochSampler`),
+            else the same ``train_size`` samples are reshuffled each epoch.
+        prerender_eval: render val/test once in ``setup`` and keep them in memory; their loaders
+            then run in the main process (``num_workers=0``), since collating is cheap.
+        group_by_length: batch samples of similar text length together
+            (:class:`LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
+            length order) to cut padding, i.e. wasted model compute; False batches in sampler order.
+
+    ``.charset`` (a :class:`Charset`) exists right after construction, so a model can read
+    ``charset.num_classes`` before ``setup``. Batches are :func:`collate_lines` dicts.
+    """
+
+    def __init__(
+        self,
+        kind: str = "digits",
+        charset: str | None = None,
+        min_length: int = 1,
+        max_length: int = 10,
+        height: int = 32,
+        train_size: int = 20000,
+        val_size: int = 500,
+        test_size: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 1,
+        seed: int = 0,
+        words: Sequence[str] | str | None = None,
+        distortion: float = 0.5,
+        blank: int = 0,
+        fresh_train: bool = True,
+        prerender_eval: bool = True,
+        group_by_length: bool = True,
+    ) -> None:
+        super().__init__()
+        self.renderer = make_renderer(
+            kind, charset, min_length=min_length, max_length=max_length, height=height,
+            words=words, distortion=distortion,
+        )
+        self.charset = Charset(self.renderer.characters, blank=blank)
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.fresh_train = fresh_train
+        self.prerender_eval = prerender_eval
+        self.group_by_length = group_by_length
+        self.datasets: dict[str, SyntheticLines] = {}
+
+    def _dataset(self, split: str) -> SyntheticLines:
+        """The split's dataset, built (and for val/test optionally pre-rendered) on first use."""
+        if split not in self.datasets:
+            ds = SyntheticLines(self.renderer, self.charset, self.sizes[split], seed=3 * self.seed + SPLITS.index(split))
+            self.datasets[split] = ds.prerender() if split != "train" and self.prerender_eval else ds
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs: ``fit`` train + val, ``validate`` val, ``test`` test, ``None`` all."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}.get(stage, ())
+        for split in splits:
+            self._dataset(split)
+
+    def _loader(self, split: str, indices: Iterable[int], num_workers: int) -> DataLoader:
+        dataset = self._dataset(split)
+        if self.group_by_length:
+            batches = LengthGroupedBatchSampler(
+                indices, self.batch_size, key=lambda i: len(dataset.text(i)), shuffle=split == "train", seed=self.seed
+            )
+        else:
+            batches = BatchSampler(indices, self.batch_size, drop_last=False)
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            collate_fn=collate_lines,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=num_workers > 0,
+            # seeds each worker's torch RNG as base_seed + worker_id, reproducibly; rendering itself
+            # depends only on (seed, index), never on these RNGs.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSampler(self.sizes["train"], seed=self.seed, fresh=self.fresh_train)
+        return self._loader("train", sampler, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", range(self.sizes["val"]), 0 if self.prerender_eval else self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", range(self.sizes["test"]), 0 if self.prerender_eval else self.num_workers)
