@@ -1,0 +1,188 @@
+"""Greedy and prefix-beam CTC decoding against hand-worked cases and brute-force enumeration."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from crnn.decoding import beam_search, greedy_decode
+
+
+def collapse(path, blank):
+    """Label ids of a CTC path: repeats merged, blanks removed."""
+    return [c for i, c in enumerate(path) if c != blank and (i == 0 or c != path[i - 1])]
+
+
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) for Python floats, -inf included."""
+    high = max(a, b)
+    return high if high == -math.inf else high + math.log(math.exp(a - high) + math.exp(b - high))
+
+
+def brute_force(log_probs, length, blank):
+    """{labelling: log-prob summed over all its paths} for the first ``length`` frames of ``(T, C)``."""
+    totals, rows = {}, log_probs.tolist()
+    for path in itertools.product(range(log_probs.shape[1]), repeat=length):
+        labelling = tuple(collapse(path, blank))
+        score = sum(rows[t][c] for t, c in enumerate(path))
+        totals[labelling] = logaddexp(totals.get(labelling, -math.inf), score)
+    return totals
+
+
+def reference_beam_search(log_probs, length, beam_width, blank):
+    """Textbook dict-based prefix beam search on ``(T, C)`` log-probs: (labelling, log-prob)."""
+    rows = log_probs.tolist()
+    beams = {(): (0.0, -math.inf)}  # prefix -> (log p ends in blank, log p ends in last label)
+    for row in rows[:length]:
+        following = {}
+        for prefix, (p_blank, p_label) in beams.items():
+            total = logaddexp(p_blank, p_label)
+            for c, log_prob in enumerate(row):
+                if c == blank:
+                    key, add_blank, add_label = prefix, total + log_prob, -math.inf
+                elif prefix and c == prefix[-1]:
+                    b, n = following.get(prefix, (-math.inf, -math.inf))
+                    following[prefix] = (b, logaddexp(n, p_label + log_prob))
+                    key, add_blank, add_label = prefix + (c,), -math.inf, p_blank + log_prob
+                else:
+                    key, add_blank, add_label = prefix + (c,), -math.inf, total + log_prob
+                b, n = following.get(key, (-math.inf, -math.inf))
+                following[key] = (logaddexp(b, add_blank), logaddexp(n, add_label))
+        ranked = sorted(following.items(), key=lambda item: -logaddexp(*item[1]))
+        beams = dict(ranked[:beam_width])
+    best, (p_blank, p_label) = max(beams.items(), key=lambda item: logaddexp(*item[1]))
+    return list(best), logaddexp(p_blank, p_label)
+
+
+def peaky(labels_per_frame, num_classes, dtype=torch.float32):
+    """``(T, 1, C)`` log-probs putting ~0.9 on the given class of each frame."""
+    probs = torch.full((len(labels_per_frame), 1, num_classes), 0.1 / (num_classes - 1), dtype=dtype)
+    probs[torch.arange(len(labels_per_frame)), 0, labels_per_frame] = 0.9
+    return probs.log()
+
+
+def random_log_probs(shape, seed, scale=2.0, dtype=torch.float64):
+    """``shape`` = ``(T, B, C)`` log_softmax of seeded normal logits times ``scale``."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=dtype) * scale).log_softmax(-1)
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def test_greedy_collapses_repeats_and_drops_blanks():
+    log_probs = peaky([1, 1, 0, 1, 2, 2, 0, 0, 3], num_classes=4)
+    assert greedy_decode(log_probs, torch.tensor([9])) == [[1, 1, 2, 3]]
+
+
+def test_greedy_respects_lengths_and_blank_index():
+    log_probs = torch.cat([peaky([2, 1, 1, 0, 2], 3), peaky([0, 0, 1, 2, 2], 3)], dim=1)
+    assert greedy_decode(log_probs, torch.tensor([3, 5]), blank=2) == [[1], [0, 1]]
+    assert greedy_decode(log_probs, torch.tensor([0, 2]), blank=2) == [[], [0]]
+
+
+@pytest.mark.parametrize("blank", [0, 3])
+def test_greedy_matches_per_frame_argmax(blank):
+    log_probs = random_log_probs((12, 6, 5), seed=1)
+    lengths = torch.tensor([12, 0, 1, 7, 12, 3])
+    expected = [collapse(log_probs[:n, b].argmax(-1).tolist(), blank) for b, n in enumerate(lengths.tolist())]
+    assert greedy_decode(log_probs, lengths, blank=blank) == expected
+
+
+# ---------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize("blank", [0, 1, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_full_beam_finds_most_probable_labelling_with_exact_score(blank, seed):
+    num_frames, num_classes = 5, 4
+    log_probs = random_log_probs((num_frames, 3, num_classes), seed=seed)
+    lengths = torch.tensor([5, 4, 2])
+    everything = sum((num_classes - 1) ** n for n in range(num_frames + 1))  # all prefixes up to T
+    labellings, scores = beam_search(log_probs, lengths, beam_width=everything, blank=blank)
+    for b, length in enumerate(lengths.tolist()):
+        totals = brute_force(log_probs[:, b], length, blank)
+        best = max(totals, key=totals.get)
+        assert labellings[b] == list(best)
+        assert scores[b].item() == pytest.approx(totals[best], abs=1e-9)
+
+
+@pytest.mark.parametrize(("beam_width", "blank"), [(1, 0), (3, 2), (8, 4)])
+def test_narrow_beam_matches_textbook_prefix_beam_search(beam_width, blank):
+    log_probs = random_log_probs((12, 6, 5), seed=beam_width, scale=1.5)
+    lengths = torch.tensor([12, 11, 9, 5, 1, 0])
+    labellings, scores = beam_search(log_probs, lengths, beam_width=beam_width, blank=blank)
+    for b, length in enumerate(lengths.tolist()):
+        labelling, score = reference_beam_search(log_probs[:, b], length, beam_width, blank)
+        assert labellings[b] == labelling
+        assert scores[b].item() == pytest.approx(score, abs=1e-9)
+
+
+def test_repeated_label_needs_a_blank_in_between():
+    log_probs = torch.cat([peaky([1, 0, 1], 3), peaky([1, 1, 1], 3)], dim=1)
+    labellings, _ = beam_search(log_probs, torch.tensor([3, 3]), beam_width=4)
+    assert labellings == [[1, 1], [1]]
+
+
+def test_score_sums_paths_of_a_known_case():
+    # T=2, C=2 (blank 0, "a" 1): "a" has paths aa, a_, _a.
+    probs = torch.tensor([[0.4, 0.6], [0.7, 0.3]], dtype=torch.float64)
+    labellings, scores = beam_search(probs.log()[:, None], torch.tensor([2]), beam_width=3)
+    assert labellings == [[1]]
+    assert scores.exp().item() == pytest.approx(0.6 * 0.3 + 0.6 * 0.7 + 0.4 * 0.3)
+
+
+def test_lines_decode_alike_alone_and_in_a_padded_batch():
+    log_probs = random_log_probs((10, 5, 6), seed=7, scale=3.0)
+    lengths = torch.tensor([10, 3, 0, 7, 1])
+    batched, batched_scores = beam_search(log_probs, lengths, beam_width=5, blank=2)
+    for b, length in enumerate(lengths.tolist()):
+        line = log_probs[:length, b : b + 1]
+        alone, alone_score = beam_search(line, torch.tensor([length]), beam_width=5, blank=2)
+        assert batched[b] == alone[0]
+        assert batched_scores[b].item() == pytest.approx(alone_score.item(), abs=1e-12)
+    assert batched[2] == [] and batched_scores[2].item() == 0.0
+
+
+def test_ties_break_deterministically_towards_lower_class():
+    uniform = torch.full((2, 1, 3), 1 / 3).log()  # "a" and "b" both have probability 3/9
+    labellings, scores = beam_search(uniform, torch.tensor([2]), beam_width=2)
+    assert labellings == [[1]]
+    assert scores.exp().item() == pytest.approx(3 / 9)
+    assert beam_search(uniform, torch.tensor([2]), beam_width=2)[0] == labellings
+
+
+def test_survives_huge_negative_log_probs_and_half_precision():
+    log_probs = random_log_probs((6, 4, 5), seed=3, dtype=torch.float32)
+    log_probs[:, :, 2] = -1e30
+    labellings, scores = beam_search(log_probs.half(), torch.tensor([6, 6, 2, 5]), beam_width=4)
+    assert torch.isfinite(scores).all() and scores.dtype == torch.float32
+    assert all(2 not in labelling for labelling in labellings)
+
+
+def test_narrow_beam_agrees_with_greedy_on_peaky_input():
+    log_probs = random_log_probs((32, 64, 11), seed=5, scale=5.0, dtype=torch.float32)
+    lengths = torch.randint(1, 33, (64,), generator=torch.Generator().manual_seed(0))
+    greedy = greedy_decode(log_probs, lengths)
+    labellings, _ = beam_search(log_probs, lengths, beam_width=10)
+    agreement = sum(g == b for g, b in zip(greedy, labellings)) / len(greedy)
+    assert agreement > 0.8
+
+
+def test_empty_batch_and_zero_frames():
+    assert beam_search(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.int64))[0] == []
+    labellings, scores = beam_search(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64))
+    assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
+    assert greedy_decode(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64)) == [[], []]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    log_probs = random_log_probs((20, 16, 7), seed=11, scale=3.0)
+    lengths = torch.randint(0, 21, (16,), generator=torch.Generator().manual_seed(1))
+    cpu = beam_search(log_probs, lengths, beam_width=8, blank=3)
+    cuda = beam_search(log_probs.cuda(), lengths.cuda(), beam_width=8, blank=3)
+    assert cuda[0] == cpu[0]
+    torch.testing.assert_close(cuda[1].cpu(), cpu[1])
+    assert greedy_decode(log_probs.cuda(), lengths.cuda()) == greedy_decode(log_probs, lengths)
