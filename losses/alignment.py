@@ -13,16 +13,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from losses.ctc import compute_dtype
 from losses.targets import CheckedTargets, LengthsLike, check_ctc_arguments, extended_targets, feasible
 
 __all__ = ["forced_align", "path_to_spans", "ctc_alignment_targets"]
 
 STAY, PREVIOUS, SKIP = 0, 1, 2  # backpointer values: how many states the path advanced into a frame
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32 and half types are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shift(x: torch.Tensor, offset: int, fill: float | bool) -> torch.Tensor:
@@ -153,7 +149,7 @@ def forced_align(
     small integer log-probs) with a finite best score; rounding can break near-ties either way.
     """
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
-    log_probs = log_probs.detach().to(_compute_dtype(log_probs.dtype))
+    log_probs = log_probs.detach().to(compute_dtype(log_probs.dtype))
     num_frames, batch, _ = log_probs.shape
     states, can_skip = extended_targets(checked.padded, blank)
     emissions = log_probs.gather(2, states.expand(num_frames, -1, -1))
@@ -228,7 +224,7 @@ def alignment_targets_and_nll(
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
     with torch.inference_mode(False), torch.enable_grad():  # clones: tensors made in inference mode can't be saved
         checked = CheckedTargets(*(tensor.clone() for tensor in checked))
-        logits = log_probs.detach().to(_compute_dtype(log_probs.dtype)).clone().requires_grad_()
+        logits = log_probs.detach().to(compute_dtype(log_probs.dtype)).clone().requires_grad_()
         nll = ctc_loss(logits.log_softmax(-1), *checked, blank=blank, reduction="none", zero_infinity=False)
         possible = nll.isfinite()  # an impossible sample's gradient may be NaN: masked out below
         (grad,) = torch.autograd.grad(torch.where(possible, nll, 0.0).sum(), logits)

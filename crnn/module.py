@@ -1,0 +1,149 @@
+"""LightningModule tying a CRNN, a CTC loss, a decoder and text metrics together."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+
+from crnn.decoders import GreedyDecoder
+from crnn.metrics import TextMetrics
+from data.charset import Charset
+from losses import CTCLoss
+from losses.targets import repeat_counts
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor | list[str]]
+"""``images`` (B, 1, H, W) float, ``widths`` (B,) int64, ``targets`` (B, S) int64 padded,
+``target_lengths`` (B,) int64, ``texts`` list of B str."""
+
+
+class CRNNModule(pl.LightningModule):
+    """Trains a text-line recogniser with any CTC-style loss; validates/tests with a decoder and CER/accuracy.
+
+    Everything inference needs (``charset``, ``blank``, ``height``, ``model``) is saved as hyper-parameters,
+    so ``CRNNModule.load_from_checkpoint(path)`` rebuilds the network without Hydra configs.
+
+    Args:
+        charset: the characters in class order (see :class:`data.charset.Charset`).
+        model: Hydra config (``_target_`` + kwargs) of the network; ``num_classes`` and ``height`` are
+            filled in here. The network maps ``(images (B,1,H,W), widths (B,))`` to
+            ``(log_probs (T,B,C), lengths (B,))``.
+        blank: CTC blank class id.
+        height: input image height in pixels.
+        loss: module with :func:`torch.nn.functional.ctc_loss`'s forward signature; defaults to
+            :class:`losses.CTCLoss` with ``zero_infinity=True``.
+        decoder: ``decoder(log_probs, lengths, blank) -> list of id lists``; defaults to greedy.
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``); needed to train.
+        scheduler: optional ``scheduler(optimizer, ...) -> LRScheduler``; if it takes ``total_steps`` and
+            none is given (e.g. ``OneCycleLR``), ``trainer.estimated_stepping_batches`` is passed.
+        scheduler_interval: ``"step"`` or ``"epoch"``: when the scheduler steps.
+        num_logged_samples: predictions of the first validation batch logged as text each epoch.
+    """
+
+    def __init__(
+        self,
+        charset: str,
+        model: Mapping,
+        blank: int = 0,
+        height: int = 32,
+        loss: nn.Module | None = None,
+        decoder: Callable[..., list[list[int]]] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        scheduler_interval: str = "step",
+        num_logged_samples: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "decoder", "optimizer", "scheduler"])
+        self.charset = Charset(charset, blank=blank)
+        self.model = instantiate(model, num_classes=self.charset.num_classes, height=height)
+        self.loss = loss if loss is not None else CTCLoss(blank=blank, zero_infinity=True)
+        self.decoder = decoder if decoder is not None else GreedyDecoder()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.metrics = nn.ModuleDict({"val": TextMetrics(), "test": TextMetrics()})
+        self._samples: list[tuple[str, str]] = []
+
+    def forward(self, images: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_probs (T, B, C), lengths (B,) int64)`` of the network."""
+        return self.model(images, widths)
+
+    @torch.no_grad()
+    def predict_texts(self, images: torch.Tensor, widths: torch.Tensor) -> list[str]:
+        """Text of each image of a padded batch ``images (B, 1, H, W)``, ``widths (B,)``; call ``eval()`` first."""
+        return self.decode(*self(images, widths))
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Text of each line of ``log_probs (T, B, C)`` with ``lengths (B,)`` valid frames, by ``self.decoder``."""
+        return [self.charset.decode(ids) for ids in self.decoder(log_probs, lengths, self.charset.blank)]
+
+    def compute_loss(self, log_probs: torch.Tensor, lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The loss in float32 with autocast off, whatever the trainer's precision."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.loss(log_probs.float(), batch["targets"], lengths, batch["target_lengths"])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        log_probs, lengths = self(batch["images"], batch["widths"])
+        loss = self.compute_loss(log_probs, lengths, batch)
+        needed = batch["target_lengths"] + repeat_counts(batch["targets"], batch["target_lengths"])
+        batch_size = len(batch["texts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/infeasible", (lengths < needed).sum().float(), on_step=False, on_epoch=True,
+                 reduce_fx="sum", batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> None:
+        log_probs, lengths = self(batch["images"], batch["widths"])
+        loss = self.compute_loss(log_probs, lengths, batch)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["texts"]))
+        preds = self.decode(log_probs, lengths)
+        self.metrics[stage].update(preds, batch["texts"])
+        if batch_idx == 0:
+            self._samples = list(zip(preds, batch["texts"]))[: self.hparams.num_logged_samples]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+        if not self.trainer.sanity_checking and self._samples:
+            self._log_samples()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
+
+    def _log_samples(self) -> None:
+        lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples]
+        if self.trainer.is_global_zero:
+            log.info("val samples at step %d: %s", self.global_step, "; ".join(lines))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("val/samples", "  \n".join(lines), self.global_step)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("CRNNModule needs an optimizer factory to train")
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        given = getattr(self.scheduler_factory, "keywords", {})
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters and "total_steps" not in given:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = {"scheduler": self.scheduler_factory(optimizer, **kwargs), "interval": self.hparams.scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,83 @@
+"""Build everything a training run needs from a composed Hydra config, train, test, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from crnn.module import CRNNModule
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a name -> config mapping (``callbacks``, ``logger``);
+    entries set to ``null`` are skipped."""
+    if not cfg:
+        return []
+    return [instantiate(entry) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> CRNNModule:
+    """The :class:`CRNNModule` of ``cfg.model``/``loss``/``decoder``/``optimizer``/``scheduler``/``module``,
+    sized for ``datamodule.charset`` (classes and blank) and ``cfg.data.height``."""
+    charset = datamodule.charset
+    return CRNNModule(
+        charset=charset.characters,
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        blank=charset.blank,
+        height=cfg.data.height,
+        loss=instantiate(cfg.loss, blank=charset.blank),
+        decoder=instantiate(cfg.decoder),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        **cfg.get("module", {}),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float | int | str]:
+    """Seed, fit, then validate and test the best checkpoint (the last weights if none was saved).
+
+    Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
+    ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
+    ``steps`` (int) and ``best_checkpoint`` (path, "" if none), plus any other ``val/*``/``test/*`` logged.
+    """
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fitted = {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
+              "steps": trainer.global_step}
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("no best checkpoint was saved; validating and testing the current weights")
+    metrics: dict[str, float | int | str] = {}
+    for run in (trainer.validate, trainer.test):
+        metrics.update({k: float(v) for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+    metrics.update(fitted, best_checkpoint=best)
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def summary_line(metrics: dict[str, float | int | str]) -> str:
+    """One line with the headline numbers of :func:`train`'s result."""
+    return (
+        f"val/cer={metrics['val/cer']:.4f} val/acc={metrics['val/acc']:.4f} "
+        f"test/cer={metrics['test/cer']:.4f} test/acc={metrics['test/acc']:.4f} "
+        f"epochs={metrics['epochs']} steps={metrics['steps']} train_seconds={metrics['train_seconds']:.1f} "
+        f"best_checkpoint={metrics['best_checkpoint'] or '-'}"
+    )

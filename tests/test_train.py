@@ -1,0 +1,77 @@
+"""End to end through the Hydra config: fast_dev_run for every loss, a tiny real run, the CLI, and (slow) accuracy."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from crnn.module import CRNNModule
+from crnn.pipeline import train
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSSES = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
+REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "best_checkpoint"}
+
+
+def run(tmp_path: Path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+    metrics = train(cfg)
+    assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
+    assert REPORTED <= set(metrics)
+    assert all(math.isfinite(v) for k, v in metrics.items() if k != "best_checkpoint")
+    return metrics
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fast_dev_run_every_loss(loss, tmp_path):
+    metrics = run(tmp_path, "debug=fast_dev_run", "model=crnn_small", f"loss={loss}")
+    assert metrics["steps"] == 1 and metrics["best_checkpoint"] == ""
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["scheduler=null"], ["scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR", "~scheduler.max_lr",
+                          "~scheduler.pct_start", "+scheduler.T_max=3", "module.scheduler_interval=epoch"]],
+    ids=["no_scheduler", "cosine_per_epoch"],
+)
+def test_fast_dev_run_other_schedules(overrides, tmp_path):
+    run(tmp_path, "debug=fast_dev_run", "model=crnn_small", *overrides)
+
+
+def test_fast_dev_run_bf16_mixed(tmp_path):
+    run(tmp_path, "debug=fast_dev_run", "model=crnn_small", "trainer=cpu", "trainer.precision=bf16-mixed")
+
+
+def test_short_run_saves_a_checkpoint_that_rebuilds_the_model(tmp_path):
+    metrics = run(tmp_path, "model=crnn_small", "trainer.max_epochs=2", "data.train_size=32", "data.val_size=16",
+                  "data.test_size=16", "data.batch_size=16")
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists() and (tmp_path / "csv" / "metrics.csv").exists()
+    module = CRNNModule.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
+    texts = module.predict_texts(torch.rand(2, 1, 32, 60), torch.tensor([60, 45]))
+    assert len(texts) == 2 and all(set(text) <= set("0123456789") for text in texts)
+
+
+def test_cli_fast_dev_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "trainer.fast_dev_run=true", "model=crnn_small", "data.val_size=16",
+         "data.test_size=16", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("val/cer=")
+    assert (tmp_path / "final_metrics.json").exists() and (tmp_path / "train.log").exists()
+
+
+@pytest.mark.slow
+def test_default_run_learns_digits(tmp_path):
+    """The default config within its 500-step budget (no time guard) gets digit strings to < 5 % CER."""
+    metrics = run(tmp_path, "trainer.max_time=null", "callbacks.progress_bar.refresh_rate=0")
+    assert metrics["steps"] <= 500
+    assert metrics["test/cer"] < 0.05 and metrics["val/cer"] < 0.05
