@@ -17,6 +17,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from losses.logspace import safe_logsumexp
+
 LengthsLike = torch.Tensor | Sequence[int]
 
 
@@ -143,3 +145,12 @@ def feasible(checked: CheckedTargets) -> torch.Tensor:
     """``(B,)`` bool: some alignment fits, i.e. ``input_length >= target_length + repeats``."""
     needed = checked.target_lengths + repeat_counts(checked.padded, checked.target_lengths)
     return checked.input_lengths >= needed
+
+
+def final_log_likelihood(alpha: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ``log p(l|x)`` from the last alpha ``(B, S')``: end in the final blank or the final label."""
+    last = 2 * target_lengths
+    ends = torch.stack([last, (last - 1).clamp_min(0)], dim=1)  # (B, 2)
+    scores = alpha.gather(1, ends)
+    no_label = (target_lengths == 0)[:, None] & torch.tensor([False, True], device=alpha.device)
+    return safe_logsumexp(scores.masked_fill(no_label, float("-inf")), dim=1)

@@ -1,0 +1,160 @@
+"""Fast mode of :func:`losses.ctc_loss`: a ``torch.autograd.Function`` with an explicit beta recursion.
+
+The beta recursion needs only the emissions, not alpha, so both run in the *same* loop over time: step
+``k`` advances alpha to frame ``k`` and beta to frame ``T-1-k``. Beta is stored with its states reversed,
+which turns its moves ``s -> s, s+1, s+2`` into alpha's ``s, s-1, s-2 -> s``, so one set of elementwise
+ops on a stacked ``(2, B, S'+2)`` tensor does both (twice the work per op, half the op launches, and large
+enough for PyTorch to spread over CPU threads). The backward is then loop-free.
+
+Per-state tensors are rows of ``S' + 2`` columns with two ``-inf`` padding columns first. Flattened, states
+``s-1`` and ``s-2`` of every row are plain contiguous 1-D views, about 2x faster than ``(B, S')`` strided
+ones; the padding columns have ``-inf`` emissions, so nothing leaks from one row into the next.
+
+The loop stores ``L`` = the log-sum-exp over predecessors *before* adding the frame's emission ``e``:
+``alpha_t = L^a_t + e_t``, Graves' ``beta_t`` (emission at ``t`` excluded) ``= L^b_t``, and the state
+posteriors are ``gamma_t(s) ∝ exp(L^a_t(s) + e_t(s) + L^b_t(s))``: sums only, never ``inf - inf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from losses.targets import final_log_likelihood
+
+NEG_INF = float("-inf")
+PAD = 2
+
+
+@torch.no_grad()
+def _logsumexp3_into(out, a, b, c, peak, scratch):
+    """``out = log(e^a + e^b + e^c)`` elementwise, in place and without autograd (1-D, same length).
+
+    ``-inf`` exactly where all three are ``-inf`` (adding the unclamped peak last). Exponents are clamped
+    at ``log(tiny)`` so ``exp`` never makes denormals, which are ~7x slower on CPU; what that drops is below
+    the dtype's resolution. ``peak`` and ``scratch`` are work buffers.
+    """
+    floor = math.log(torch.finfo(out.dtype).tiny) + 1.0
+    raw_peak = torch.maximum(torch.maximum(a, b), c)
+    torch.clamp_min(raw_peak, torch.finfo(out.dtype).min, out=peak)  # finite, so x - peak is never NaN
+    torch.sub(a, peak, out=out).clamp_min_(floor).exp_()
+    for term in (b, c):
+        out.add_(torch.sub(term, peak, out=scratch).clamp_min_(floor).exp_())
+    out.log_().add_(raw_peak)
+
+
+def _pad_states(x: torch.Tensor, value: float = NEG_INF) -> torch.Tensor:
+    """``(..., S')`` -> ``(..., S' + 2)`` with two padding columns first."""
+    return F.pad(x, (PAD, 0), value=value)
+
+
+def _emissions(log_probs, states, with_beta):
+    """``(T, H, B, S'+2)`` emissions per loop step ``k``: ``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` (when
+    ``with_beta``) beta's frame ``T-1-k`` with states reversed; ``-inf`` in the padding columns."""
+    num_frames, _, num_classes = log_probs.shape
+    with_void = F.pad(log_probs, (0, 1), value=NEG_INF)  # class C: the padding columns' class, never emitted
+    halves = [_pad_states(states, num_classes)]
+    if with_beta:
+        halves.append(_pad_states(states.flip(1), num_classes))
+    emissions = [with_void.gather(2, index.expand(num_frames, -1, -1)) for index in halves]
+    if with_beta:
+        emissions[1] = emissions[1].flip(0)
+    return torch.stack(emissions, 1)
+
+
+def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
+    """Virtual row before the first step, ``(H, B, S'+2)``, and the skip move's log-weight, ``(H*B*(S'+2),)``.
+
+    Alpha starts from state 0 (``alpha_{-1}``); beta from state ``2L`` of its reversed row, which one step
+    turns into ``beta_{T-1} = 0`` in states ``2L`` and ``2L-1``. Beta's skip into reversed state ``s~`` is the
+    move ``s -> s+2`` of the original, allowed where ``can_skip[s+2]``.
+    """
+    batch, num_states = states.shape
+    state = torch.arange(num_states, device=states.device)
+    skip = [can_skip]
+    start = [(state == 0).expand(batch, -1)]
+    if with_beta:
+        skip.append(F.pad(can_skip, (0, 2), value=False)[:, 2:].flip(1))
+        start.append(state.flip(0) == 2 * target_lengths[:, None])
+    start = _pad_states(torch.stack(start).to(dtype).log())
+    skip = _pad_states(torch.stack(skip).to(dtype).log())
+    return start, skip.flatten()[PAD:]
+
+
+@torch.no_grad()
+def _recursions(emissions, start, skip_bias, input_lengths):
+    """Both recursions: ``L`` ``(T + 1, H, B, S'+2)``; row ``k+1`` is computed at loop step ``k`` from row ``k``
+    plus its emission (row 0: ``start``)."""
+    num_frames = emissions.shape[0]
+    scores = emissions.new_empty(num_frames + 1, *emissions.shape[1:])
+    scores[..., :PAD] = NEG_INF  # the steps write from the first state on
+    scores[0] = start
+    previous = start.flatten().clone()  # the row before, emission included
+    restart = None
+    if start.shape[0] == 2 and bool((input_lengths < num_frames).any()):  # beta starts at each sample's end
+        frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
+        restart = (frame[:, None] >= input_lengths - 1)[:, :, None]  # (T, B, 1) per step k
+    skip, peak, scratch = emissions.new_empty(3, previous.numel() - PAD)
+    for k in range(num_frames):
+        if restart is not None:
+            beta_previous = previous.view_as(start)[1]
+            beta_previous.copy_(torch.where(restart[k], start[1], beta_previous))
+        torch.add(previous[:-2], skip_bias, out=skip)  # from s - 2
+        _logsumexp3_into(scores[k + 1].view(-1)[PAD:], previous[2:], previous[1:-1], skip, peak, scratch)
+        torch.add(scores[k + 1].view(-1), emissions[k].view(-1), out=previous)
+    return scores
+
+
+def _final_log_likelihood(scores, emissions, input_lengths, target_lengths):
+    """``(B,)`` ``log p(l|x)`` from ``alpha_{T_b - 1}`` (``alpha_{-1}`` where ``T_b = 0``)."""
+    rows = torch.arange(input_lengths.shape[0], device=input_lengths.device)
+    alpha = scores[input_lengths, 0, rows, PAD:]
+    emission = emissions[(input_lengths - 1).clamp_min(0), 0, rows, PAD:]
+    alpha = alpha + torch.where((input_lengths > 0)[:, None], emission, 0.0)
+    return final_log_likelihood(alpha, target_lengths)
+
+
+def _state_posteriors(scores, emissions, input_lengths, log_likelihood):
+    """``(T, B, S')`` posteriors ``gamma_t(s)``, zero past each input length and for impossible samples."""
+    num_frames = emissions.shape[0]
+    log_gamma = scores[1:, 0, :, PAD:] + emissions[:, 0, :, PAD:] + scores[1:, 1, :, PAD:].flip(0).flip(2)
+    # Each valid frame's posteriors sum to 1, so scaling by the frame's own peak and renormalising is exact
+    # and stays accurate where log p itself has lost digits (log-probs of -1e30).
+    log_gamma.sub_(log_gamma.amax(2, keepdim=True).clamp_min_(torch.finfo(log_gamma.dtype).min))
+    floor = math.log(torch.finfo(log_gamma.dtype).tiny) + 1.0
+    alive = log_gamma > floor  # posteriors below the dtype's resolution are exactly 0
+    alive &= (torch.arange(num_frames, device=alive.device)[:, None] < input_lengths)[:, :, None]
+    alive &= log_likelihood.isfinite()[:, None]
+    gamma = log_gamma.clamp_min_(floor).exp_().mul_(alive)  # clamp: exp never makes (slow) denormals
+    return gamma.div_(gamma.sum(2, keepdim=True).clamp_min_(torch.finfo(gamma.dtype).tiny))
+
+
+class AlphaBetaCTC(torch.autograd.Function):
+    """Per-sample CTC negative log-likelihood ``(B,)``; gradient ``-gamma`` w.r.t. ``log_probs`` (true gradient).
+
+    ``forward(log_probs (T, B, C), states (B, S'), can_skip (B, S'), input_lengths (B,), target_lengths (B,))``
+    with ``states``/``can_skip`` from :func:`losses.targets.extended_targets`. Beta is only computed when
+    ``log_probs`` requires grad.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs, states, can_skip, input_lengths, target_lengths):
+        with_beta = ctx.needs_input_grad[0]
+        emissions = _emissions(log_probs, states, with_beta)
+        start, skip_bias = _start_and_skip(states, can_skip, target_lengths, with_beta, log_probs.dtype)
+        scores = _recursions(emissions, start, skip_bias, input_lengths)
+        log_likelihood = _final_log_likelihood(scores, emissions, input_lengths, target_lengths)
+        ctx.save_for_backward(scores, emissions, states, input_lengths, log_likelihood)
+        ctx.num_classes = log_probs.shape[2]
+        return -log_likelihood
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scores, emissions, states, input_lengths, log_likelihood = ctx.saved_tensors
+        gamma = _state_posteriors(scores, emissions, input_lengths, log_likelihood).mul_(grad_loss[:, None])
+        num_frames, batch = gamma.shape[:2]
+        index = states.expand(num_frames, -1, -1)
+        grad = gamma.new_zeros(num_frames, batch, ctx.num_classes).scatter_add_(2, index, gamma)
+        return grad.neg_(), None, None, None, None
