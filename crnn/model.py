@@ -32,6 +32,21 @@ def layer_output_width(layer: nn.Module, widths: torch.Tensor) -> torch.Tensor:
     return torch.div(widths + 2 * padding - dilation * (kernel - 1) - 1, stride, rounding_mode="floor") + 1
 
 
+def output_length(width: int, pools: Sequence[int | Sequence[int]], kernel_size: int = 3) -> int:
+    """Frames ``CRNN(pools=pools, kernel_size=kernel_size)`` emits for an image ``width`` px wide (at least 1).
+
+    The same arithmetic as :meth:`CRNN.output_lengths`, from the config alone (no network is built), so a
+    data module can check label lengths before the model exists, e.g. as a Hydra ``_partial_`` with
+    ``pools: ${model.pools}``. Each block is a stride-1 conv with padding ``kernel_size // 2``, then a
+    ``MaxPool2d`` of the pool's width (kernel = stride, no padding).
+    """
+    for pool in pools:
+        width += 2 * (kernel_size // 2) - kernel_size + 1
+        pool_width = _pair(pool)[1]
+        width = (width - pool_width) // pool_width + 1
+    return max(1, width)
+
+
 def _width_mask(widths: torch.Tensor, total: int) -> torch.Tensor:
     """``(B, 1, 1, total)`` float mask, 1 on columns ``< widths[b]``."""
     return (torch.arange(total, device=widths.device) < widths[:, None]).to(torch.float32)[:, None, None, :]

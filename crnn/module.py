@@ -102,10 +102,11 @@ class CRNNModule(pl.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list[str]]:
+        """Returns ``{"preds": texts}`` for callbacks (e.g. :class:`crnn.sweep_callbacks.PredictionWriter`)."""
+        return {"preds": self._evaluate(batch, batch_idx, "test")}
 
-    def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> None:
+    def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
         log_probs, lengths = self(batch["images"], batch["widths"])
         loss = self.compute_loss(log_probs, lengths, batch)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["texts"]))
@@ -113,6 +114,7 @@ class CRNNModule(pl.LightningModule):
         self.metrics[stage].update(preds, batch["texts"])
         if batch_idx == 0:
             self._samples = list(zip(preds, batch["texts"]))[: self.hparams.num_logged_samples]
+        return preds
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

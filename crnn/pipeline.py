@@ -42,7 +42,8 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> CRNNMod
 
 
 def train(cfg: DictConfig) -> dict[str, float | int | str]:
-    """Seed, fit, then validate and test the best checkpoint (the last weights if none was saved).
+    """Seed, fit (resuming from ``cfg.ckpt_path`` if set), then validate and test the best checkpoint (the
+    last weights if none was saved).
 
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
     ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fitted = {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
               "steps": trainer.global_step}
 

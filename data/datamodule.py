@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -51,6 +51,31 @@ def collate_lines(samples: Sequence[dict], pad_value: float | None = None) -> di
     }
 
 
+def process_shard(trainer: pl.Trainer | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process among those splitting the data.
+
+    The attached trainer's ``(global_rank, world_size)`` if given, else ``torch.distributed``'s if a
+    process group is initialised, else ``(0, 1)``.
+    """
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_indices(size: int, rank: int = 0, world_size: int = 1) -> range:
+    """Evaluation indices of one process: ``rank, rank + world_size, ...`` below ``size``.
+
+    Unlike ``torch.utils.data.DistributedSampler`` nothing is padded: the shards partition
+    ``range(size)`` exactly (sizes differ by at most one), so metrics summed over processes count
+    every sample once.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return range(rank, size, world_size)
+
+
 class EpochSampler(Sampler[int]):
     """Training indices for a :class:`SyntheticLines` of nominal length ``size``, reproducible per epoch.
 
@@ -58,24 +83,40 @@ class EpochSampler(Sampler[int]):
     dataset's virtual stream (each index is an independent random sample, so no shuffling is needed).
     ``fresh=False``: a fixed set of ``size`` samples in a new permutation each epoch, seeded by
     ``(seed, epoch)``. Lightning calls :meth:`set_epoch` before every epoch; used elsewhere, call it yourself.
+
+    With ``world_size > 1`` (data-parallel training) each ``rank`` gets ``ceil(size / world_size)``
+    indices, the same number on every rank (so every process runs the same number of steps):
+    ``fresh=True`` strides through a block of ``ceil(size / world_size) * world_size`` fresh samples
+    per epoch, disjoint across ranks and epochs; ``fresh=False`` strides through the epoch's
+    permutation, wrapped around to equal length like ``DistributedSampler``. ``world_size=1`` is
+    exactly the single-process behaviour.
     """
 
-    def __init__(self, size: int, seed: int = 0, fresh: bool = True) -> None:
+    def __init__(self, size: int, seed: int = 0, fresh: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.size = size
         self.seed = seed
         self.fresh = fresh
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.world_size)
 
     def __iter__(self) -> Iterator[int]:
+        block = len(self) * self.world_size
         if self.fresh:
-            return iter(range(self.epoch * self.size, (self.epoch + 1) * self.size))
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+            start = self.epoch * block
+            return iter(range(start + self.rank, start + block, self.world_size))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        if block > self.size:
+            order = np.resize(order, block)  # repeats from the start, like DistributedSampler's padding
+        return iter(order[self.rank :: self.world_size].tolist())
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -138,6 +179,8 @@ class SyntheticDataModule(pl.LightningDataModule):
             so the streams are disjoint for every (seed, split) pair.
         words: optional word list (sequence or file path) for ``kind="text"``.
         distortion: augmentation strength in ``[0, 1]`` (0.5 = moderate).
+        zipf_exponent, char_weights: skewed character frequencies for random-character lines (all
+            splits), see :class:`data.synthetic.LineRenderer`; the defaults draw characters uniformly.
         blank: CTC blank class id; characters take the other ids.
         fresh_train: if True every epoch renders new training samples (see :class:`EpochSampler`),
             else the same ``train_size`` samples are reshuffled each epoch.
@@ -146,6 +189,12 @@ class SyntheticDataModule(pl.LightningDataModule):
         group_by_length: batch samples of similar text length together
             (:class:`LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
             length order) to cut padding, i.e. wasted model compute; False batches in sampler order.
+
+    Under a multi-process strategy (DDP) every process loads its own shard (see :func:`process_shard`):
+    training batches from :class:`EpochSampler` with ``rank``/``world_size``, and val/test batches from
+    :func:`shard_indices`, which partition the set exactly (no padded duplicates, so summed metrics count
+    every line once). Lightning must not replace the samplers: use ``Trainer(use_distributed_sampler=False)``
+    (as ``conf/trainer/ddp*.yaml`` do); ``batch_size`` is per process.
 
     ``.charset`` (a :class:`Charset`) exists right after construction, so a model can read
     ``charset.num_classes`` before ``setup``. Batches are :func:`collate_lines` dicts.
@@ -170,11 +219,13 @@ class SyntheticDataModule(pl.LightningDataModule):
         fresh_train: bool = True,
         prerender_eval: bool = True,
         group_by_length: bool = True,
+        zipf_exponent: float = 0.0,
+        char_weights: Sequence[float] | Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.renderer = make_renderer(
             kind, charset, min_length=min_length, max_length=max_length, height=height,
-            words=words, distortion=distortion,
+            words=words, distortion=distortion, zipf_exponent=zipf_exponent, char_weights=char_weights,
         )
         self.charset = Charset(self.renderer.characters, blank=blank)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
@@ -220,11 +271,14 @@ class SyntheticDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(self.sizes["train"], seed=self.seed, fresh=self.fresh_train)
+        rank, world_size = process_shard(self.trainer)
+        sampler = EpochSampler(self.sizes["train"], seed=self.seed, fresh=self.fresh_train, rank=rank, world_size=world_size)
         return self._loader("train", sampler, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", range(self.sizes["val"]), 0 if self.prerender_eval else self.num_workers)
+        indices = shard_indices(self.sizes["val"], *process_shard(self.trainer))
+        return self._loader("val", indices, 0 if self.prerender_eval else self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", range(self.sizes["test"]), 0 if self.prerender_eval else self.num_workers)
+        indices = shard_indices(self.sizes["test"], *process_shard(self.trainer))
+        return self._loader("test", indices, 0 if self.prerender_eval else self.num_workers)

@@ -22,7 +22,7 @@ import glob
 import math
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -114,6 +114,15 @@ class LineRenderer:
             The default 0.5 is moderate: realistic, and easy enough for a small CRNN.
         fonts: font paths / ``"default"``; ``None`` uses :func:`installed_fonts`. Fonts lacking a
             glyph for any of ``characters`` are skipped.
+        zipf_exponent: ``s >= 0``; with ``s > 0`` random-character lines draw the ``k``-th non-space
+            character of ``characters`` (1-based, in the given order) with probability proportional to
+            ``k ** -s`` (a Zipf-like skew: ``s = 1`` over 36 characters makes the first ~36x as
+            frequent as the last). 0 (default) draws uniformly. Order ``characters`` by the wanted
+            frequency, e.g. ``"etaoin..."``.
+        char_weights: explicit relative frequencies instead: a sequence with one non-negative weight
+            per character of ``characters`` (a weight for ``" "`` is ignored: spaces are placed as
+            usual), or a mapping ``{character: weight}`` (missing characters get 0). Exclusive with
+            ``zipf_exponent``; neither applies to ``words`` lines.
 
     Calling the renderer with a ``numpy.random.Generator`` returns ``(image, text)``: ``image`` is a
     float32 tensor ``(1, H, W)`` with values in ``[0, 1]`` (not normalised; ink may be dark on light or,
@@ -131,6 +140,8 @@ class LineRenderer:
         words: Sequence[str] | str | None = None,
         distortion: float = 0.5,
         fonts: Sequence[str] | None = None,
+        zipf_exponent: float = 0.0,
+        char_weights: Sequence[float] | Mapping[str, float] | None = None,
     ) -> None:
         if not 1 <= min_length <= max_length:
             raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
@@ -155,6 +166,17 @@ class LineRenderer:
         self._sizes = list(range(round(0.6 * height), round(1.3 * height) + 1, max(1, height // 10)))
         self._letters = characters.replace(" ", "")
         self._spaces = " " in characters
+        self.zipf_exponent = float(zipf_exponent)
+        self._probs = _character_probabilities(self._letters, characters, zipf_exponent, char_weights)
+        if self._probs is not None and self.words is not None:
+            raise ValueError("zipf_exponent/char_weights apply to random-character lines, not to words")
+
+    @property
+    def char_probabilities(self) -> dict[str, float]:
+        """Probability of each non-space character at a drawn position (uniform unless skewed)."""
+        if self._probs is None:
+            return {c: 1.0 / len(self._letters) for c in self._letters}
+        return dict(zip(self._letters, self._probs.tolist()))
 
     def __call__(self, rng: np.random.Generator) -> tuple[torch.Tensor, str]:
         """Draw a text and render it: ``(image (1, H, W) float32 in [0, 1], text)``."""
@@ -170,7 +192,11 @@ class LineRenderer:
             while len(line) < length:
                 line += " " + self.words[rng.integers(len(self.words))]
             return line[:length].rstrip()
-        chars = [self._letters[i] for i in rng.integers(len(self._letters), size=length)]
+        if self._probs is None:
+            picks = rng.integers(len(self._letters), size=length)
+        else:
+            picks = rng.choice(len(self._letters), size=length, p=self._probs)
+        chars = [self._letters[i] for i in picks]
         if self._spaces:
             for i in np.flatnonzero(rng.random(length) < 0.15):
                 if 0 < i < length - 1 and chars[i - 1] != " ":
@@ -230,6 +256,37 @@ class LineRenderer:
             arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(sigma)
             np.clip(arr, 0.0, 1.0, out=arr)
         return torch.from_numpy(arr).unsqueeze(0)
+
+
+def _character_probabilities(
+    letters: str,
+    characters: str,
+    zipf_exponent: float,
+    char_weights: Sequence[float] | Mapping[str, float] | None,
+) -> np.ndarray | None:
+    """Drawing probabilities of ``letters`` (``characters`` without the space), or ``None`` for uniform."""
+    if zipf_exponent < 0:
+        raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
+    if char_weights is not None and zipf_exponent > 0:
+        raise ValueError("give zipf_exponent or char_weights, not both")
+    if char_weights is not None:
+        if isinstance(char_weights, Mapping):
+            unknown = set(char_weights) - set(characters)
+            if unknown:
+                raise ValueError(f"char_weights has characters not in the charset: {sorted(unknown)!r}")
+            weights = [float(char_weights.get(c, 0.0)) for c in letters]
+        else:
+            if len(char_weights) != len(characters):
+                raise ValueError(f"char_weights has {len(char_weights)} weights for {len(characters)} characters")
+            weights = [float(w) for c, w in zip(characters, char_weights) if c != " "]
+    elif zipf_exponent > 0:
+        weights = [(rank + 1) ** -zipf_exponent for rank in range(len(letters))]
+    else:
+        return None
+    probs = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(f"char_weights must be finite, non-negative and not all 0, got {weights}")
+    return probs / probs.sum()
 
 
 def _inverse_affine(angle: float, shear: float, cx: float, cy: float) -> tuple[float, ...]:

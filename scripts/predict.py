@@ -1,0 +1,67 @@
+"""Recognise text-line images with a trained checkpoint; prints ``path<TAB>text<TAB>confidence`` per image.
+
+Example::
+
+    python scripts/predict.py --checkpoint outputs/RUN/checkpoints/last.ckpt /tmp/lines/images --decoder beam
+
+Arguments are image files or folders (searched recursively for files Pillow can read, in sorted order).
+Images are converted and resized to the model's input height with their aspect ratio kept, and recognised
+``--batch-size`` at a time. The confidence is the model's probability of the printed text: the beam search's
+``P(text | image)`` summed over alignments with ``--decoder beam``, the best single alignment's probability
+(a lower bound) with ``greedy``; see :func:`crnn.inference.recognize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crnn.inference import DECODERS, load_recognizer, read_image, recognize, resolve_device  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("--decoder", choices=DECODERS, default="greedy")
+    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
+    return parser.parse_args(argv)
+
+
+def image_paths(inputs: Sequence[str]) -> Iterator[Path]:
+    """Each input file, and every file with an image extension Pillow knows below each input folder."""
+    suffixes = set(Image.registered_extensions())
+    for name in map(Path, inputs):
+        if name.is_dir():
+            yield from sorted(p for p in name.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        elif name.is_file():
+            yield name
+        else:
+            raise FileNotFoundError(f"no such image or folder: {name}")
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
+    """Print and return ``(path, text, confidence)`` for every image, in input order."""
+    args = parse_args(argv)
+    module = load_recognizer(args.checkpoint, resolve_device(args.device))
+    paths = [str(path) for path in image_paths(args.inputs)]
+    results = []
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start : start + args.batch_size]
+        recognised = recognize(module, [read_image(p, module) for p in batch], args.decoder, args.beam_width)
+        for path, (text, confidence) in zip(batch, recognised):
+            print(f"{path}\t{text}\t{confidence:.4g}", flush=True)
+            results.append((path, text, confidence))
+    return results
+
+
+if __name__ == "__main__":
+    main()

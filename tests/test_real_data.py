@@ -1,0 +1,263 @@
+"""Real data: gt.txt folders and LMDB (round trip from render_dataset.py), the bad-input policy, training on them."""
+
+import functools
+import importlib.util
+import io
+import logging
+import math
+import re
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from crnn.model import CRNN, output_length
+from crnn.pipeline import train
+from data import BadInput, BadInputError, FolderDataModule, LmdbDataModule, SyntheticLines, make_renderer, write_lmdb
+from data.labelled import repeats
+
+ROOT = Path(__file__).resolve().parents[1]
+POOLS = [[2, 2], [2, 2], [2, 2], [2, 1], [2, 1]]  # conf/model/crnn.yaml: width / 8
+FRAMES = functools.partial(output_length, pools=POOLS)
+
+
+def script(name: str):
+    """Import ``scripts/<name>.py`` as a module (to call its ``main`` in-process)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render(output: Path, size: int, seed: int, *args: str) -> Path:
+    return script("render_dataset").main(["--size", str(size), "--seed", str(seed), "--output", str(output), *args])
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, Path]:
+    """Small rendered digit splits as gt.txt folders, and the same converted to LMDB."""
+    root = tmp_path_factory.mktemp("rendered")
+    folders = {split: render(root / split, size, seed) for split, size, seed in
+               [("train", 48, 1), ("val", 16, 2), ("test", 16, 3)]}
+    lmdbs = {}
+    for split, folder in folders.items():
+        lmdbs[split] = root / f"{split}_lmdb"
+        written = script("make_lmdb").main([str(folder), str(lmdbs[split])])
+        assert written == len(folder.joinpath("gt.txt").read_text().splitlines())
+    return {"folder": folders, "lmdb": lmdbs}
+
+
+def folder_module(dirs, **kwargs) -> FolderDataModule:
+    return FolderDataModule(dirs["train"], dirs["val"], dirs["test"], output_length=FRAMES, **kwargs)
+
+
+# --- model arithmetic ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pools", "kernel_size"), [(POOLS, 3), ([[2, 2], [2, 2], [2, 1], [2, 1], [2, 1]], 5),
+                                                    ([[4, 3], [8, 2]], 3)])
+def test_output_length_matches_the_model(pools, kernel_size):
+    height = math.prod(p[0] for p in pools)
+    model = CRNN(5, height=height, channels=[4] * len(pools), pools=pools, kernel_size=kernel_size)
+    widths = torch.arange(1, 80)
+    expected = model.output_lengths(widths).tolist()
+    assert [output_length(w, pools, kernel_size) for w in widths.tolist()] == expected
+
+
+# --- formats -------------------------------------------------------------------------------------------
+
+
+def test_rendered_folder_round_trips_through_folder_and_lmdb(rendered):
+    """gt.txt folder == rendered samples (to 8 bits), LMDB == folder, sample for sample."""
+    folder = folder_module(rendered["folder"], group_by_length=False)
+    lmdb_dm = LmdbDataModule(*(str(rendered["lmdb"][s]) for s in ("train", "val", "test")), output_length=FRAMES)
+    folder.setup(), lmdb_dm.setup()
+    assert folder.charset.characters == lmdb_dm.charset.characters == "0123456789"
+    lines = SyntheticLines(make_renderer("digits"), folder.charset, 48, seed=1)
+    for split in ("train", "val", "test"):
+        a, b = folder.dataset(split), lmdb_dm.dataset(split)
+        assert len(a) == len(b) == len(a.records) and not folder.problems[split].num_skipped
+        for i in range(len(a)):
+            assert a[i]["text"] == b[i]["text"] and torch.equal(a[i]["image"], b[i]["image"])
+            assert torch.equal(a[i]["target"], b[i]["target"])
+    for i in (0, 47):
+        original, loaded = lines[i], folder.dataset("train")[i]
+        assert loaded["text"] == original["text"] and loaded["image"].shape == original["image"].shape
+        assert (loaded["image"] - original["image"]).abs().max() <= 0.5 / 255 + 1e-6
+    batch = next(iter(folder.train_dataloader()))
+    assert set(batch) == {"images", "widths", "targets", "target_lengths", "texts"}
+    assert batch["images"].shape[:3] == (48, 1, 32)
+
+
+def test_lmdb_is_opened_lazily_in_each_worker(rendered):
+    dm = LmdbDataModule(*(str(rendered["lmdb"][s]) for s in ("train", "val", "test")), batch_size=8, num_workers=2)
+    dm.setup("test")
+    assert dm.dataset("test")[0]["text"]  # the main process opens the environment; forked workers must reopen it
+    texts = [text for batch in dm.test_dataloader() for text in batch["texts"]]
+    assert sorted(texts) == sorted(r.label for r in dm.dataset("test").records)
+
+
+def test_charset_inferred_from_training_labels_and_logged(tmp_path, caplog):
+    for split, label in [("train", "b a"), ("val", "ab"), ("test", "a")]:
+        write_folder(tmp_path / split, [(label, "png")])
+    with caplog.at_level(logging.INFO, logger="data.labelled"):
+        dm = FolderDataModule(tmp_path / "train", tmp_path / "val", tmp_path / "test", blank=2)
+    assert dm.charset.characters == " ab" and dm.charset.blank == 2
+    assert "charset inferred from 1 training labels" in caplog.text and "' ab'" in caplog.text
+
+
+@pytest.mark.parametrize(("fmt", "mode", "size"), [("png", "RGBA", (90, 48)), ("jpeg", "RGB", (50, 64)),
+                                                   ("bmp", "P", (30, 16)), ("tiff", "L", (32, 32))])
+def test_any_pillow_format_becomes_grey_at_the_model_height(tmp_path, fmt, mode, size):
+    write_folder(tmp_path, [("7", fmt)], mode=mode, size=size)
+    dm = FolderDataModule(tmp_path, tmp_path, tmp_path, height=32)
+    sample = dm.dataset("train")[0]
+    assert sample["image"].shape == (1, 32, round(size[0] * 32 / size[1])) and sample["image"].dtype == torch.float32
+    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    rgb = FolderDataModule(tmp_path, tmp_path, tmp_path, height=16, channels=3).dataset("train")[0]["image"]
+    assert rgb.shape[:2] == (3, 16)
+
+
+def test_size_limits_take_the_first_samples(rendered):
+    dm = folder_module(rendered["folder"], train_size=10, val_size=4)
+    dm.setup("fit")
+    assert len(dm.dataset("train")) == 10 and len(dm.dataset("val")) == 4
+    assert [r.where for r in dm.dataset("train").records] == [r.where for r in dm.records("train")[:10]]
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+GOOD = [("12", "png"), ("345", "png")]
+LINE_OF_BAD = 2  # the bad entry is written between the two good ones
+
+
+def write_folder(folder: Path, entries, mode: str = "L", size: tuple[int, int] = (96, 32)) -> Path:
+    """A gt.txt folder with one image per ``(label, format)`` entry; ``format`` may instead be a raw gt.txt line
+    (``"raw:..."``), ``"missing"`` (no image file) or ``"garbage"`` (a .png of random bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (label, fmt) in enumerate(entries):
+        if fmt.startswith("raw:"):
+            lines.append(fmt[4:])
+            continue
+        name = f"{i}.{'png' if fmt in ('missing', 'garbage') else fmt}"
+        if fmt == "garbage":
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+        elif fmt != "missing":
+            Image.new(mode, size, color=200 if mode in ("L", "P") else (200,) * len(mode)).save(folder / name)
+        lines.append(f"{name}\t{label}")
+    (folder / "gt.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+BAD_CASES = {
+    "malformed/no_tab": ("malformed", ("", "raw:image.png 12")),
+    "malformed/empty_path": ("malformed", ("", "raw:\t12")),
+    "malformed/two_tabs": ("malformed", ("", "raw:a.png\t1\t2")),
+    "empty_label": ("empty_label", ("", "png")),
+    "unknown_char": ("unknown_char", ("1x2", "png")),
+    "missing_image": ("missing_image", ("12", "missing")),
+    "unreadable_image": ("unreadable_image", ("12", "garbage")),
+    "too_long": ("too_long", ("1122334455", "png")),  # needs 10 + 5 repeats = 15 frames; 96 px / 8 = 12
+}
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_error_names_file_line_and_key(tmp_path, case):
+    kind, entry = BAD_CASES[case]
+    folder = write_folder(tmp_path / "data", [GOOD[0], entry, GOOD[1]])
+    with pytest.raises(BadInputError) as error:
+        dm = FolderDataModule(folder, folder, folder, charset="0123456789", output_length=FRAMES,
+                              bad_input={kind: "error"})
+        dm.setup("fit")
+    message = str(error.value)
+    assert f"{folder / 'gt.txt'}:{LINE_OF_BAD}:" in message and f"data.bad_input.{kind}=skip" in message
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_skip_counts_and_logs(tmp_path, case, caplog):
+    kind, entry = BAD_CASES[case]
+    folder = write_folder(tmp_path / "data", [GOOD[0], entry, GOOD[1], entry, entry])
+    with caplog.at_level(logging.INFO, logger="data.labelled"):
+        dm = FolderDataModule(folder, folder, folder, charset="0123456789", output_length=FRAMES,
+                              bad_input={kind: "skip"})
+        dm.setup("fit")
+    assert [r.label for r in dm.dataset("train").records] == ["12", "345"]
+    assert {k: len(v) for k, v in dm.problems["train"].skipped.items() if v} == {kind: 3}
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"kept 2 samples, skipped 3: {kind} 3 (e.g. {folder / 'gt.txt'}:2:" in warning
+    assert warning.count(f"{folder / 'gt.txt'}:") == 3  # the first examples (3 by default)
+
+
+def test_too_long_skip_leaves_only_feasible_ctc_targets(tmp_path):
+    """A model with width stride 12 cannot emit many rendered digit strings: they are skipped, the rest is feasible."""
+    dirs = {split: tmp_path / split for split in ("train", "val", "test")}
+    for split, seed in (("train", 4), ("val", 5), ("test", 6)):
+        render(dirs[split], 24, seed, "--min-length", "2", "--max-length", "10", "--height", "16")
+    pools = [[2, 2], [2, 2], [2, 3], [2, 1]]
+    dm = FolderDataModule(dirs["train"], dirs["val"], dirs["test"], height=16, batch_size=4,
+                          output_length=functools.partial(output_length, pools=pools))
+    dm.setup("fit")
+    assert 0 < len(dm.problems["train"].skipped["too_long"]) < 24
+    model = CRNN(11, height=16, pools=pools, channels=[4] * 4)
+    for batch in dm.train_dataloader():
+        needed = batch["target_lengths"] + torch.tensor([repeats(t) for t in batch["texts"]])
+        assert (model.output_lengths(batch["widths"]) >= needed).all()
+
+
+def test_policy_errors():
+    with pytest.raises(ValueError, match="unknown bad-input kinds"):
+        BadInput({"too_short": "skip"})
+    with pytest.raises(ValueError, match="must be one of"):
+        BadInput({"too_long": "ignore"})
+
+
+def test_lmdb_bad_entries(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("L", (64, 32), 255).save(buffer, format="PNG")
+    good = buffer.getvalue()
+    path = tmp_path / "db"
+    write_lmdb([(good, "12"), (good, "3"), (b"not an image", "45"), (good, "6")], path)
+    with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        txn.delete(b"label-000000002")
+        txn.delete(b"image-000000004")
+    with pytest.raises(BadInputError, match=re.escape(f"{path}:label-000000002: no label-000000002") + ".*malformed"):
+        LmdbDataModule(path, path, path)
+    dm = LmdbDataModule(path, path, path, bad_input={"malformed": "skip", "missing_image": "skip",
+                                                      "unreadable_image": "skip"})
+    assert [r.label for r in dm.dataset("train").records] == ["12"]
+    assert {k: len(v) for k, v in dm.problems["train"].skipped.items() if v} == {
+        "malformed": 1, "unreadable_image": 1, "missing_image": 1}
+    with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        txn.delete(b"num-samples")
+    with pytest.raises(BadInputError, match="num-samples"):
+        LmdbDataModule(path, path, path)
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def run(tmp_path: Path, dirs: dict[str, Path], data: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.output_dir={tmp_path}", f"data={data}", *(f"data.{s}_dir={d}" for s, d in dirs.items()),
+            *overrides])
+    return train(cfg)
+
+
+@pytest.mark.parametrize("data", ["folder", "lmdb"])
+def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data):
+    metrics = run(tmp_path, rendered[data], data, "debug=fast_dev_run", "model=crnn_small")
+    assert metrics["steps"] == 1 and all(math.isfinite(v) for k, v in metrics.items() if k != "best_checkpoint")
+
+
+@pytest.mark.slow
+def test_training_on_a_rendered_folder_reaches_low_cer(tmp_path):
+    """render_dataset.py -> data=folder -> the default model and schedule: < 5 % CER on the rendered test split."""
+    sizes = {"train": (4000, 11), "val": (300, 12), "test": (300, 13)}
+    dirs = {split: render(tmp_path / "data" / split, size, seed) for split, (size, seed) in sizes.items()}
+    metrics = run(tmp_path / "run", dirs, "folder", "trainer.max_time=null", "callbacks.progress_bar.refresh_rate=0")
+    assert metrics["test/cer"] < 0.05 and metrics["val/cer"] < 0.05

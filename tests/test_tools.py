@@ -1,0 +1,133 @@
+"""The tools around a checkpoint: loading it alone (weights_only), predict, ONNX export, alignment plots.
+
+One tiny model is trained per session (a few dozen CPU steps); the scripts' ``main`` functions run in-process.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from crnn.inference import load_recognizer, read_image, recognize
+from crnn.model import CRNN
+from crnn.module import CRNNModule
+from crnn.pipeline import train
+from data import LineRenderer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    """Import ``scripts/<name>.py`` as a module (to call its ``main`` in-process)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """``last.ckpt`` of a crnn_small digits model trained for 18 steps."""
+    output_dir = tmp_path_factory.mktemp("run")
+    overrides = [f"paths.output_dir={output_dir}", "model=crnn_small", "trainer=cpu", "trainer.max_epochs=3",
+                 "data.train_size=96", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
+                 "callbacks.progress_bar.refresh_rate=0"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train(compose("train", overrides=overrides))
+    return output_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """Five rendered digit lines of different widths as 8-bit PNGs."""
+    directory = tmp_path_factory.mktemp("images")
+    renderer, rng = LineRenderer(max_length=10), np.random.default_rng(3)
+    for index in range(5):
+        pixels = np.rint(renderer(rng)[0][0].numpy() * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(directory / f"line{index}.png")
+    return directory
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_the_module(checkpoint):
+    contents = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert {"charset", "blank", "height", "model"} <= set(contents["hyper_parameters"])
+    assert "RNGStateCheckpoint" in contents["callbacks"]
+    module = load_recognizer(checkpoint)
+    reference = CRNNModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    assert not module.training and module.charset.characters == reference.charset.characters == "0123456789"
+    images, widths = torch.rand(3, 1, 32, 90), torch.tensor([90, 61, 17])
+    with torch.no_grad():
+        torch.testing.assert_close(module(images, widths), reference(images, widths), rtol=0, atol=0)
+
+
+def test_predict_prints_path_text_confidence_like_the_module(checkpoint, image_dir, capsys):
+    results = script("predict").main(["--checkpoint", str(checkpoint), str(image_dir), "--batch-size", "2",
+                                      "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    paths = sorted(image_dir.glob("*.png"))
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths] == [r[0] for r in results]
+    module = load_recognizer(checkpoint)
+    for line, path in zip(lines, paths):
+        _, text, confidence = line.split("\t")
+        image = read_image(path, module)
+        assert text == module.predict_texts(image[None], torch.tensor([image.shape[-1]]))[0]  # batch of 1
+        assert 0.0 <= float(confidence) <= 1.0
+
+
+def test_beam_confidence_sums_the_alignments_greedy_takes_one(checkpoint, image_dir):
+    module = load_recognizer(checkpoint)
+    images = [read_image(path, module) for path in sorted(image_dir.glob("*.png"))]
+    greedy, beam = recognize(module, images, "greedy"), recognize(module, images, "beam", beam_width=32)
+    for (greedy_text, greedy_p), (beam_text, beam_p) in zip(greedy, beam):
+        assert 0.0 < greedy_p <= 1.0 and 0.0 < beam_p <= 1.0
+        if beam_text == greedy_text:  # all the text's alignments vs its best one
+            assert beam_p >= greedy_p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_gpu_matches_cpu(checkpoint, image_dir):
+    predict = script("predict")
+    on_cpu = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu"])
+    on_gpu = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cuda"])
+    assert [r[:2] for r in on_gpu] == [r[:2] for r in on_cpu]
+    np.testing.assert_allclose([r[2] for r in on_gpu], [r[2] for r in on_cpu], rtol=1e-3)
+
+
+def test_export_onnx_matches_pytorch(checkpoint, tmp_path, capsys):
+    output = tmp_path / "crnn.onnx"
+    assert script("export_onnx").main(["--checkpoint", str(checkpoint), "--output", str(output)]) == 0
+    assert output.stat().st_size > 10_000 and "max abs diff" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_export_keeps_packed_semantics_for_stacked_rnns(rnn, tmp_path):
+    """Two bidirectional layers: padding must not leak into the backward direction of shorter lines."""
+    export_onnx = script("export_onnx")
+    network = CRNN(11, channels=(8, 16, 16, 32, 32), rnn=rnn, rnn_hidden=16, rnn_layers=2).eval()
+    export_onnx.export(network, tmp_path / "net.onnx", channels=1, height=32)
+    session = export_onnx.onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    images = export_onnx.sample_images("0123456789", 1, 32, count=4, seed=1)
+    assert export_onnx.max_abs_diff(network, session, images) < 1e-4
+
+
+def test_plot_alignment_shows_the_blank_and_the_strongest_classes_of_large_charsets():
+    plot_alignment = script("plot_alignment")
+    probs, gamma = np.zeros((5, 40)), np.zeros((5, 40))
+    probs[:, 0], probs[2, 39], gamma[3, 7] = 1.0, 0.5, 0.9
+    rows = plot_alignment.shown_classes(probs, gamma, blank=0)
+    assert len(rows) == plot_alignment.MAX_ROWS and rows == sorted(rows) and {0, 7, 39} <= set(rows)
+    assert plot_alignment.shown_classes(probs[:, :11], gamma[:, :11], blank=0) == list(range(11))
+
+
+@pytest.mark.parametrize("ctc", ["builtin", "python"])
+def test_plot_alignment_writes_a_png(checkpoint, image_dir, tmp_path, ctc):
+    output = tmp_path / "alignment.png"
+    script("plot_alignment").main(["--checkpoint", str(checkpoint), "--image", str(image_dir / "line0.png"),
+                                   "--text", "0123", "--output", str(output), "--ctc", ctc])
+    with Image.open(output) as png:
+        assert png.format == "PNG" and png.width > 800 and png.height > 500
+    assert output.stat().st_size > 20_000
