@@ -52,16 +52,18 @@ def _pad_states(x: torch.Tensor, value: float = NEG_INF) -> torch.Tensor:
 
 def _emissions(log_probs, states, with_beta):
     """``(T, H, B, S'+2)`` emissions per loop step ``k``: ``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` (when
-    ``with_beta``) beta's frame ``T-1-k`` with states reversed; ``-inf`` in the padding columns."""
+    ``with_beta``) beta's frame ``T-1-k`` with states reversed; ``-inf`` in the padding columns.
+
+    One gather from the small ``(T, H, B, C+1)`` stack of frames in both orders straight into the result.
+    """
     num_frames, _, num_classes = log_probs.shape
     with_void = F.pad(log_probs, (0, 1), value=NEG_INF)  # class C: the padding columns' class, never emitted
-    halves = [_pad_states(states, num_classes)]
+    sources, indices = [with_void], [_pad_states(states, num_classes)]
     if with_beta:
-        halves.append(_pad_states(states.flip(1), num_classes))
-    emissions = [with_void.gather(2, index.expand(num_frames, -1, -1)) for index in halves]
-    if with_beta:
-        emissions[1] = emissions[1].flip(0)
-    return torch.stack(emissions, 1)
+        sources.append(with_void.flip(0))
+        indices.append(_pad_states(states.flip(1), num_classes))
+    index = torch.stack(indices)[None].expand(num_frames, -1, -1, -1)
+    return torch.stack(sources, 1).gather(3, index)
 
 
 def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
@@ -119,15 +121,17 @@ def _final_log_likelihood(scores, emissions, input_lengths, target_lengths):
 def _state_posteriors(scores, emissions, input_lengths, log_likelihood):
     """``(T, B, S')`` posteriors ``gamma_t(s)``, zero past each input length and for impossible samples."""
     num_frames = emissions.shape[0]
-    log_gamma = scores[1:, 0, :, PAD:] + emissions[:, 0, :, PAD:] + scores[1:, 1, :, PAD:].flip(0).flip(2)
+    log_gamma = torch.add(scores[1:, 0, :, PAD:], emissions[:, 0, :, PAD:])
+    log_gamma.add_(scores[1:, 1, :, PAD:].flip((0, 2)))
     # Each valid frame's posteriors sum to 1, so scaling by the frame's own peak and renormalising is exact
     # and stays accurate where log p itself has lost digits (log-probs of -1e30).
     log_gamma.sub_(log_gamma.amax(2, keepdim=True).clamp_min_(torch.finfo(log_gamma.dtype).min))
     floor = math.log(torch.finfo(log_gamma.dtype).tiny) + 1.0
-    alive = log_gamma > floor  # posteriors below the dtype's resolution are exactly 0
-    alive &= (torch.arange(num_frames, device=alive.device)[:, None] < input_lengths)[:, :, None]
-    alive &= log_likelihood.isfinite()[:, None]
-    gamma = log_gamma.clamp_min_(floor).exp_().mul_(alive)  # clamp: exp never makes (slow) denormals
+    gamma = log_gamma.clamp_min_(floor).exp_()  # clamp: exp never makes (slow) denormals
+    # Posteriors at the clamp floor (below the dtype's resolution) are exactly 0, as are invalid frames.
+    F.threshold(gamma, math.exp(floor) * 1.5, 0.0, inplace=True)
+    valid = torch.arange(num_frames, device=gamma.device)[:, None] < input_lengths
+    gamma.mul_((valid & log_likelihood.isfinite()).to(gamma.dtype)[:, :, None])
     return gamma.div_(gamma.sum(2, keepdim=True).clamp_min_(torch.finfo(gamma.dtype).tiny))
 
 

@@ -44,23 +44,29 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_fwd_bwd(loss_fn, log_probs, rest, device, repeats):
-    """Median forward and backward seconds of ``loss_fn(log_probs, *rest)`` (reduction sum) w.r.t. ``log_probs``."""
-    forward_times, backward_times = [], []
-    for run in range(repeats + 1):  # run 0 warms up
-        leaf = log_probs.detach().requires_grad_()
-        synchronize(device)
-        start = time.perf_counter()
-        loss = loss_fn(leaf, *rest, reduction="sum")
-        synchronize(device)
-        middle = time.perf_counter()
-        loss.backward()
-        synchronize(device)
-        end = time.perf_counter()
-        if run:
-            forward_times.append(middle - start)
-            backward_times.append(end - middle)
-    return statistics.median(forward_times), statistics.median(backward_times)
+def time_once(loss_fn, log_probs, rest, device):
+    """Forward and backward seconds of one ``loss_fn(log_probs, *rest)`` (reduction sum) w.r.t. ``log_probs``."""
+    leaf = log_probs.detach().requires_grad_()
+    synchronize(device)
+    start = time.perf_counter()
+    loss = loss_fn(leaf, *rest, reduction="sum")
+    synchronize(device)
+    middle = time.perf_counter()
+    loss.backward()
+    synchronize(device)
+    return middle - start, time.perf_counter() - middle
+
+
+def time_all(log_probs, rest, device, repeats):
+    """``{name: (median fwd s, median bwd s)}``, the implementations timed round-robin (one warm-up round),
+    so a slow spell of a shared machine hits all of them alike and the ratios stay fair."""
+    times = {name: [] for name in IMPLEMENTATIONS}
+    for run in range(repeats + 1):
+        for name, loss_fn in IMPLEMENTATIONS.items():
+            measured = time_once(loss_fn, log_probs, rest, device)
+            if run:
+                times[name].append(measured)
+    return {name: tuple(statistics.median(column) for column in zip(*runs)) for name, runs in times.items()}
 
 
 def logits_gradient(loss_fn, logits, rest):
@@ -91,10 +97,10 @@ def run(device, args):
               f"{'loss':<5} {'grad':<5} {'CE-grad':<7} {'max grad err':>12}")
     print(header)
     print("-" * len(header))
-    builtin_total = None
+    times = time_all(log_probs, rest, device, args.repeats)
+    builtin_total = sum(times["built-in"])
     for name, loss_fn in IMPLEMENTATIONS.items():
-        fwd, bwd = time_fwd_bwd(loss_fn, log_probs, rest, device, args.repeats)
-        builtin_total = builtin_total or fwd + bwd
+        fwd, bwd = times[name]
         loss, grad = logits_gradient(loss_fn, logits, rest)
         grad_error = (grad.double() - reference_grad).abs().max().item()
         loss_ok = torch.allclose(loss.double(), reference_loss, rtol=LOSS_RTOL)
