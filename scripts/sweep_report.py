@@ -12,7 +12,8 @@ Reads every run directory below ``MULTIRUN_DIR`` (any folder with a ``.hydra/ove
 
 Runs are grouped into *variants* by their overrides minus ``seed`` and minus overrides shared by every run
 (so ``loss=...`` for the bundled ablations; ``--group-by KEY`` picks keys explicitly). Writes ``report.md`` and
-``val_cer.png`` (val CER vs step: mean over seeds per variant, band from the lowest to the highest seed) to
+``val_cer.png`` (val CER vs step: mean over seeds per variant, band from the lowest to the highest seed;
+log scale above 0.1 % CER and linear below, so a CER of 0 stays on the plot) to
 ``--out`` (default: ``MULTIRUN_DIR``) and prints the main table.
 
 Per-character errors: each test line is aligned to its prediction by a minimum-edit-distance alignment; a
@@ -303,9 +304,10 @@ def plot(groups: dict[str, list[Run]], path: Path, threshold: float, title: str)
         (line,) = ax.plot(steps, [statistics.fmean(v) for v in values], marker=".", label=f"{label} (n={len(runs)})")
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
     ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=1e-3)  # log above 0.1 % CER, linear below: a CER of 0 stays visible
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation CER (log scale)")
+    ax.set_ylabel("validation CER (symlog scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

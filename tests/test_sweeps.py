@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -205,3 +206,19 @@ def test_optuna_search_runs_trials(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert {"optimizer.lr", "loss.gamma"} <= set(best["best_params"]) and 0 <= best["best_value"] <= 2
     assert {p.name for p in sweep.iterdir() if p.is_dir()} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
+    sweep = tmp_path / "joblib"
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/launcher=joblib_local", "loss=ctc,focal_ctc", "model=crnn_small",
+         "trainer.max_epochs=1", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
+         "data.num_workers=0", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    for run in ("0", "1"):
+        metrics = json.loads((sweep / run / "final_metrics.json").read_text())
+        assert 0 <= metrics["test/cer"] <= 2
