@@ -40,6 +40,8 @@ from pathlib import Path
 
 import yaml
 
+from crnn.sweep_callbacks import read_predictions
+
 THRESHOLD = 0.05
 
 
@@ -160,21 +162,6 @@ def _read_curve(path: Path) -> list[dict[str, float]]:
     return [curve[s] for s in sorted(curve)]
 
 
-def _read_predictions(run_dir: Path) -> list[tuple[str, str]] | None:
-    files = [run_dir / "test_predictions.tsv"]
-    if not files[0].exists():
-        files = sorted(run_dir.glob("test_predictions.rank*.tsv"))
-    if not files:
-        return None
-    pairs = []
-    for file in files:
-        for line in file.read_text(encoding="utf-8").split("\n")[1:]:
-            if line:
-                target, _, pred = line.partition("\t")
-                pairs.append((target, pred))
-    return pairs
-
-
 def load_runs(multirun_dir: Path) -> list[Run]:
     """Every run below ``multirun_dir`` (folders holding ``.hydra/overrides.yaml``), in path order."""
     runs = []
@@ -187,7 +174,7 @@ def load_runs(multirun_dir: Path) -> list[Run]:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
         curves = sorted(run_dir.rglob("metrics.csv"))
         runs.append(Run(run_dir, overrides, config or {}, metrics, _read_curve(curves[0]) if curves else [],
-                        _read_predictions(run_dir)))
+                        read_predictions(run_dir) or None))
     return runs
 
 
