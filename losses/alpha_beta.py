@@ -4,7 +4,9 @@ The beta recursion needs only the emissions, not alpha, so both run in the *same
 ``k`` advances alpha to frame ``k`` and beta to frame ``T-1-k``. Beta is stored with its states reversed,
 which turns its moves ``s -> s, s+1, s+2`` into alpha's ``s, s-1, s-2 -> s``, so one set of elementwise
 ops on a stacked ``(2, B, S'+2)`` tensor does both (twice the work per op, half the op launches, and large
-enough for PyTorch to spread over CPU threads). The backward is then loop-free.
+enough for PyTorch to spread over CPU threads). Each step is four ops: the skip move's bias, two
+``logaddexp`` and the emission, gathered per step from the small ``(T, 2, B, C+1)`` log-probs so the
+``(T, 2, B, S'+2)`` emissions are never materialised. The backward is then loop-free.
 
 Per-state tensors are rows of ``S' + 2`` columns with two ``-inf`` padding columns first. Flattened, states
 ``s-1`` and ``s-2`` of every row are plain contiguous 1-D views, about 2x faster than ``(B, S')`` strided
@@ -28,42 +30,32 @@ NEG_INF = float("-inf")
 PAD = 2
 
 
-@torch.no_grad()
-def _logsumexp3_into(out, a, b, c, peak, scratch):
-    """``out = log(e^a + e^b + e^c)`` elementwise, in place and without autograd (1-D, same length).
-
-    ``-inf`` exactly where all three are ``-inf`` (adding the unclamped peak last). Exponents are clamped
-    at ``log(tiny)`` so ``exp`` never makes denormals, which are ~7x slower on CPU; what that drops is below
-    the dtype's resolution. ``peak`` and ``scratch`` are work buffers.
-    """
-    floor = math.log(torch.finfo(out.dtype).tiny) + 1.0
-    raw_peak = torch.maximum(torch.maximum(a, b), c)
-    torch.clamp_min(raw_peak, torch.finfo(out.dtype).min, out=peak)  # finite, so x - peak is never NaN
-    torch.sub(a, peak, out=out).clamp_min_(floor).exp_()
-    for term in (b, c):
-        out.add_(torch.sub(term, peak, out=scratch).clamp_min_(floor).exp_())
-    out.log_().add_(raw_peak)
-
-
 def _pad_states(x: torch.Tensor, value: float = NEG_INF) -> torch.Tensor:
     """``(..., S')`` -> ``(..., S' + 2)`` with two padding columns first."""
     return F.pad(x, (PAD, 0), value=value)
 
 
-def _emissions(log_probs, states, with_beta):
-    """``(T, H, B, S'+2)`` emissions per loop step ``k``: ``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` (when
-    ``with_beta``) beta's frame ``T-1-k`` with states reversed; ``-inf`` in the padding columns.
-
-    One gather from the small ``(T, H, B, C+1)`` stack of frames in both orders straight into the result.
-    """
-    num_frames, _, num_classes = log_probs.shape
+def _emission_sources(log_probs, states, with_beta):
+    """What the loop gathers each step's emissions from: ``sources (T, H, B, C+1)``, where step ``k`` reads
+    ``sources[k]`` (``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` when ``with_beta`` beta's frame ``T-1-k``), and
+    ``index (H, B, S'+2)``, each state's class (beta's states reversed; class ``C``, ``-inf``, in the padding
+    columns). Gathering per step keeps the ``(T, H, B, S'+2)`` emissions from ever being materialised."""
+    num_classes = log_probs.shape[2]
     with_void = F.pad(log_probs, (0, 1), value=NEG_INF)  # class C: the padding columns' class, never emitted
     sources, indices = [with_void], [_pad_states(states, num_classes)]
     if with_beta:
         sources.append(with_void.flip(0))
         indices.append(_pad_states(states.flip(1), num_classes))
-    index = torch.stack(indices)[None].expand(num_frames, -1, -1, -1)
-    return torch.stack(sources, 1).gather(3, index)
+    return torch.stack(sources, 1), torch.stack(indices)
+
+
+def _alpha_emissions(sources, index, frames=None):
+    """Alpha's emissions: ``(B, S'+2)`` at one frame per sample (``frames (B,)``), or ``(T, B, S'+2)`` at every
+    frame (``frames=None``)."""
+    if frames is None:
+        return sources[:, 0].gather(2, index[0].expand(sources.shape[0], -1, -1))
+    rows = torch.arange(frames.shape[0], device=frames.device)
+    return sources[frames, 0, rows].gather(1, index[0])
 
 
 def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
@@ -86,11 +78,11 @@ def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
 
 
 @torch.no_grad()
-def _recursions(emissions, start, skip_bias, input_lengths):
+def _recursions(sources, index, start, skip_bias, input_lengths):
     """Both recursions: ``L`` ``(T + 1, H, B, S'+2)``; row ``k+1`` is computed at loop step ``k`` from row ``k``
     plus its emission (row 0: ``start``)."""
-    num_frames = emissions.shape[0]
-    scores = emissions.new_empty(num_frames + 1, *emissions.shape[1:])
+    num_frames = sources.shape[0]
+    scores = sources.new_empty(num_frames + 1, *start.shape)
     scores[..., :PAD] = NEG_INF  # the steps write from the first state on
     scores[0] = start
     previous = start.flatten().clone()  # the row before, emission included
@@ -98,30 +90,33 @@ def _recursions(emissions, start, skip_bias, input_lengths):
     if start.shape[0] == 2 and bool((input_lengths < num_frames).any()):  # beta starts at each sample's end
         frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
         restart = (frame[:, None] >= input_lengths - 1)[:, :, None]  # (T, B, 1) per step k
-    skip, peak, scratch = emissions.new_empty(3, previous.numel() - PAD)
+    skip, pair = sources.new_empty(2, previous.numel() - PAD)
+    emission = torch.empty_like(start)
     for k in range(num_frames):
         if restart is not None:
             beta_previous = previous.view_as(start)[1]
             beta_previous.copy_(torch.where(restart[k], start[1], beta_previous))
         torch.add(previous[:-2], skip_bias, out=skip)  # from s - 2
-        _logsumexp3_into(scores[k + 1].view(-1)[PAD:], previous[2:], previous[1:-1], skip, peak, scratch)
-        torch.add(scores[k + 1].view(-1), emissions[k].view(-1), out=previous)
+        torch.logaddexp(previous[2:], previous[1:-1], out=pair)  # from s and s - 1 (-inf, -inf -> -inf)
+        torch.logaddexp(pair, skip, out=scores[k + 1].view(-1)[PAD:])
+        torch.gather(sources[k], 2, index, out=emission)
+        torch.add(scores[k + 1].view(-1), emission.view(-1), out=previous)
     return scores
 
 
-def _final_log_likelihood(scores, emissions, input_lengths, target_lengths):
+def _final_log_likelihood(scores, sources, index, input_lengths, target_lengths):
     """``(B,)`` ``log p(l|x)`` from ``alpha_{T_b - 1}`` (``alpha_{-1}`` where ``T_b = 0``)."""
     rows = torch.arange(input_lengths.shape[0], device=input_lengths.device)
     alpha = scores[input_lengths, 0, rows, PAD:]
-    emission = emissions[(input_lengths - 1).clamp_min(0), 0, rows, PAD:]
+    emission = _alpha_emissions(sources, index, (input_lengths - 1).clamp_min(0))[:, PAD:]
     alpha = alpha + torch.where((input_lengths > 0)[:, None], emission, 0.0)
     return final_log_likelihood(alpha, target_lengths)
 
 
-def _state_posteriors(scores, emissions, input_lengths, log_likelihood):
+def _state_posteriors(scores, sources, index, input_lengths, log_likelihood):
     """``(T, B, S')`` posteriors ``gamma_t(s)``, zero past each input length and for impossible samples."""
-    num_frames = emissions.shape[0]
-    log_gamma = torch.add(scores[1:, 0, :, PAD:], emissions[:, 0, :, PAD:])
+    num_frames = sources.shape[0]
+    log_gamma = torch.add(scores[1:, 0, :, PAD:], _alpha_emissions(sources, index)[..., PAD:])
     log_gamma.add_(scores[1:, 1, :, PAD:].flip((0, 2)))
     # Each valid frame's posteriors sum to 1, so scaling by the frame's own peak and renormalising is exact
     # and stays accurate where log p itself has lost digits (log-probs of -1e30).
@@ -146,18 +141,18 @@ class AlphaBetaCTC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_probs, states, can_skip, input_lengths, target_lengths):
         with_beta = ctx.needs_input_grad[0]
-        emissions = _emissions(log_probs, states, with_beta)
+        sources, index = _emission_sources(log_probs, states, with_beta)
         start, skip_bias = _start_and_skip(states, can_skip, target_lengths, with_beta, log_probs.dtype)
-        scores = _recursions(emissions, start, skip_bias, input_lengths)
-        log_likelihood = _final_log_likelihood(scores, emissions, input_lengths, target_lengths)
-        ctx.save_for_backward(scores, emissions, states, input_lengths, log_likelihood)
+        scores = _recursions(sources, index, start, skip_bias, input_lengths)
+        log_likelihood = _final_log_likelihood(scores, sources, index, input_lengths, target_lengths)
+        ctx.save_for_backward(scores, sources, index, states, input_lengths, log_likelihood)
         ctx.num_classes = log_probs.shape[2]
         return -log_likelihood
 
     @staticmethod
     def backward(ctx, grad_loss):
-        scores, emissions, states, input_lengths, log_likelihood = ctx.saved_tensors
-        gamma = _state_posteriors(scores, emissions, input_lengths, log_likelihood).mul_(grad_loss[:, None])
+        scores, sources, index, states, input_lengths, log_likelihood = ctx.saved_tensors
+        gamma = _state_posteriors(scores, sources, index, input_lengths, log_likelihood).mul_(grad_loss[:, None])
         num_frames, batch = gamma.shape[:2]
         index = states.expand(num_frames, -1, -1)
         grad = gamma.new_zeros(num_frames, batch, ctx.num_classes).scatter_add_(2, index, gamma)
