@@ -76,9 +76,11 @@ def alpha_recursion_autograd(
     skip_bias = _skip_bias(can_skip, state_log_probs.dtype)
     frame_mask = _frame_mask(input_lengths, num_frames)
     alpha = _initial_alpha(batch, num_states, state_log_probs)
-    for t in range(num_frames):
+    # unbind, not state_log_probs[t]: the backward then stacks T frame gradients once, where indexing would
+    # allocate and zero-fill a whole (T, B, S') gradient per frame
+    for t, frame_log_probs in enumerate(state_log_probs.unbind(0)):
         shifted = F.pad(alpha, (2, 0), value=NEG_INF)  # column j holds state j - 2
-        step = safe_logaddexp3(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip_bias) + state_log_probs[t]
+        step = safe_logaddexp3(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip_bias) + frame_log_probs
         alpha = step if frame_mask is None else torch.where(frame_mask[t], step, alpha)
     return final_log_likelihood(alpha, target_lengths)
 
