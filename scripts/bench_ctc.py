@@ -2,10 +2,10 @@
 
 Reproduces the table of the primer this project grew from (``T=128, B=256, C=32``, target length 60,
 time-major, ``randint(1, C)`` targets). For each implementation: forward and backward time (one warm-up
-round, then the median of ``--repeats`` rounds; the implementations take turns within each round, so a slow
-spell of a shared machine hits all alike; CUDA synchronised), whether loss and gradient w.r.t. the logits match the
-float64 built-in (max abs error printed), whether cross-entropy against the alignment targets has CTC's gradient, and each time as a ratio
-to the built-in measured in the same run.
+round, then the median of ``--repeats`` rounds; the implementations take turns within each round, so a
+slow spell of a shared machine hits all alike; CUDA synchronised), whether loss and gradient w.r.t. the
+logits match the float64 built-in (max abs error printed), whether cross-entropy against the alignment
+targets has CTC's gradient, and each time as a ratio to the built-in measured in the same run.
 
     python scripts/bench_ctc.py                 # CPU, and CUDA when present
     python scripts/bench_ctc.py --device cpu --repeats 9
