@@ -173,16 +173,22 @@ def test_sweep_report(tmp_path, capsys):
     assert printed.strip() in report
 
 
+TINY_RUN = ["model=crnn_small", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16"]
+
+
+def run_train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python train.py OVERRIDES`` at a tiny size (small model, 32 train lines); asserts it exits 0."""
+    result = subprocess.run([sys.executable, "train.py", *overrides, *TINY_RUN], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_tiny_multirun_and_report(tmp_path):
     """`python train.py -m experiment=ablation_unbalanced` (2 losses x 1 seed, a few steps), then the report."""
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", "experiment=ablation_unbalanced", "loss=ctc,focal_ctc", "seed=1",
-         "model=crnn_small", "trainer.max_epochs=2", "data.train_size=32", "data.val_size=16", "data.test_size=16",
-         "data.batch_size=16", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_train("-m", "experiment=ablation_unbalanced", "loss=ctc,focal_ctc", "seed=1", "trainer.max_epochs=2",
+              f"hydra.sweep.dir={sweep}")
     for run in ("0", "1"):
         assert (sweep / run / "final_metrics.json").exists() and (sweep / run / "csv" / "metrics.csv").exists()
         assert len((sweep / run / "test_predictions.tsv").read_text().splitlines()) == 17
@@ -196,13 +202,8 @@ def test_tiny_multirun_and_report(tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs_trials(tmp_path):
     sweep = tmp_path / "optuna"
-    result = subprocess.run(
-        [sys.executable, "train.py", "hparams_search=optuna_focal_ctc", "hydra.sweeper.n_trials=2", "model=crnn_small",
-         "trainer.max_epochs=1", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_train("hparams_search=optuna_focal_ctc", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
+              f"hydra.sweep.dir={sweep}")
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert {"optimizer.lr", "loss.gamma"} <= set(best["best_params"]) and 0 <= best["best_value"] <= 2
     assert {p.name for p in sweep.iterdir() if p.is_dir()} == {"0", "1"}
@@ -211,13 +212,8 @@ def test_optuna_search_runs_trials(tmp_path):
 @pytest.mark.slow
 def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
     sweep = tmp_path / "joblib"
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", "hydra/launcher=joblib_local", "loss=ctc,focal_ctc", "model=crnn_small",
-         "trainer.max_epochs=1", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
-         "data.num_workers=0", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_train("-m", "hydra/launcher=joblib_local", "loss=ctc,focal_ctc", "trainer.max_epochs=1",
+                       "data.num_workers=0", f"hydra.sweep.dir={sweep}", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     for run in ("0", "1"):
         metrics = json.loads((sweep / run / "final_metrics.json").read_text())
