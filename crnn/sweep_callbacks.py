@@ -47,8 +47,7 @@ class PredictionWriter(Callback):
     ``test_predictions.rank<R>.tsv``; :func:`read_predictions` reads either layout.
 
     Predictions are taken from the ``test_step`` output ``{"preds": [...]}`` of
-    :class:`crnn.module.CRNNModule`; for a module whose ``test_step`` returns nothing, the batch is decoded
-    again with ``pl_module.decode(*pl_module(images, widths))``.
+    :class:`crnn.module.CRNNModule`.
 
     Args:
         dirpath: directory of the file (created if missing), e.g. the run's output directory.
@@ -67,9 +66,9 @@ class PredictionWriter(Callback):
         self._rows = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        preds = outputs.get("preds") if isinstance(outputs, dict) else None
-        if preds is None:
-            preds = pl_module.decode(*pl_module(batch["images"], batch["widths"]))
+        if not isinstance(outputs, dict) or "preds" not in outputs:
+            raise TypeError(f"PredictionWriter needs test_step to return {{'preds': texts}}, got {type(outputs).__name__}")
+        preds = outputs["preds"]
         self._rows.extend(zip(batch["texts"], preds))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
