@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from data.charset import Charset
 from data.synthetic import SyntheticLines, make_renderer
@@ -164,6 +164,29 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             yield from (batches[b] for b in order)
 
 
+def line_loader(dataset: Dataset, indices: Iterable[int], batch_size: int, length: Callable[[int], int],
+                shuffle: bool, group_by_length: bool, seed: int, num_workers: int) -> DataLoader:
+    """The DataLoader of every line datamodule: batches of ``indices`` (grouped by ``length`` of each index
+    with :class:`LengthGroupedBatchSampler` if ``group_by_length``, else in order), :func:`collate_lines`.
+
+    ``generator`` seeds each worker's torch RNG as ``base_seed + worker_id``, reproducibly; the datasets'
+    samples depend only on ``(seed, index)``, never on these RNGs.
+    """
+    if group_by_length:
+        batches = LengthGroupedBatchSampler(indices, batch_size, key=length, shuffle=shuffle, seed=seed)
+    else:
+        batches = BatchSampler(indices, batch_size, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_lines,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 class SyntheticDataModule(pl.LightningDataModule):
     """Synthetic text lines for train/val/test, rendered on the fly.
 
@@ -252,23 +275,9 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, indices: Iterable[int], num_workers: int) -> DataLoader:
         dataset = self._dataset(split)
-        if self.group_by_length:
-            batches = LengthGroupedBatchSampler(
-                indices, self.batch_size, key=lambda i: len(dataset.text(i)), shuffle=split == "train", seed=self.seed
-            )
-        else:
-            batches = BatchSampler(indices, self.batch_size, drop_last=False)
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=num_workers,
-            collate_fn=collate_lines,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=num_workers > 0,
-            # seeds each worker's torch RNG as base_seed + worker_id, reproducibly; rendering itself
-            # depends only on (seed, index), never on these RNGs.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return line_loader(dataset, indices, self.batch_size, length=lambda i: len(dataset.text(i)),
+                           shuffle=split == "train", group_by_length=self.group_by_length, seed=self.seed,
+                           num_workers=num_workers)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = process_shard(self.trainer)

@@ -15,11 +15,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from data.bad_input import BadInput, BadInputError
 from data.charset import Charset
-from data.datamodule import SPLITS, EpochSampler, LengthGroupedBatchSampler, collate_lines, process_shard, shard_indices
+from data.datamodule import SPLITS, EpochSampler, line_loader, process_shard, shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -251,21 +251,8 @@ class LabelledDataModule(pl.LightningDataModule):
             EpochSampler(len(dataset), seed=self.seed, fresh=False, rank=rank, world_size=world_size)
             if train else shard_indices(len(dataset), rank, world_size)
         )
-        if self.group_by_length:
-            batches = LengthGroupedBatchSampler(
-                indices, self.batch_size, key=lambda i: dataset.records[i].width, shuffle=train, seed=self.seed
-            )
-        else:
-            batches = BatchSampler(indices, self.batch_size, drop_last=False)
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            collate_fn=collate_lines,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return line_loader(dataset, indices, self.batch_size, length=lambda i: dataset.records[i].width, shuffle=train,
+                           group_by_length=self.group_by_length, seed=self.seed, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
