@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import brute_force as bf
+from host_sync import value_reads
 from losses.alignment import ctc_alignment_targets, forced_align, path_to_spans
 
 NEG = -1e30  # finite stand-in for -inf in the autograd-convention CTC below
@@ -236,6 +237,17 @@ def test_both_gradient_conventions_give_the_same_targets():
     autograd = ctc_alignment_targets(*arguments, ctc_loss=autograd_ctc)
     torch.testing.assert_close(autograd, builtin, rtol=0, atol=1e-10)
     torch.testing.assert_close(builtin[:, 0], bf.posteriors(log_probs[:, 0], [1, 2, 2], 0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("function", [forced_align, ctc_alignment_targets])
+def test_no_host_sync_per_time_step(function):
+    """Tensor values are read back to Python (a host sync on CUDA) a fixed number of times, whatever T."""
+
+    def align(frames):
+        log_probs = torch.randn(frames, 3, 5, generator=torch.Generator().manual_seed(frames)).log_softmax(-1)
+        function(log_probs, torch.tensor([[1, 2, 2], [3, 0, 0], [4, 4, 0]]), [frames, frames - 1, frames - 3], [3, 1, 2])
+
+    assert value_reads(lambda: align(8)) == value_reads(lambda: align(40))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from host_sync import value_reads
 from losses import PythonCTCLoss, ctc_alignment_targets, ctc_loss
 
 MODES = ["alpha_beta", "autograd"]
@@ -205,6 +206,29 @@ def test_alignment_targets_agree_with_builtin(mode):
     ours = lambda *a, **k: ctc_loss(*a, backward=mode, **k)  # noqa: E731
     got = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths, ctc_loss=ours)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_value_read_counter_sees_a_read_per_step():
+    """The probe the next test relies on: a data-dependent branch per step is counted once per step."""
+    scores = torch.randn(50)
+
+    def loop(frames):
+        return [bool(scores[t] > 0) for t in range(frames)]
+
+    assert value_reads(lambda: loop(8))["__bool__"] == 8 and value_reads(lambda: loop(40))["__bool__"] == 40
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_host_sync_per_time_step(mode):
+    """Forward and backward read tensor values back to Python (a host sync on CUDA) a fixed number of times,
+    however many frames the loop runs: argument checks only, nothing per step."""
+
+    def forward_backward(frames):
+        logits, targets, input_lengths, target_lengths = random_batch(13, frames=frames, max_target=3)
+        logits.requires_grad_()
+        ctc_loss(logits.log_softmax(-1), targets, input_lengths, target_lengths, backward=mode).backward()
+
+    assert value_reads(lambda: forward_backward(8)) == value_reads(lambda: forward_backward(40))
 
 
 def test_module_wraps_function():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from crnn.decoding import beam_search, greedy_decode
+from host_sync import value_reads
 
 
 def collapse(path, blank):
@@ -175,6 +176,16 @@ def test_empty_batch_and_zero_frames():
     labellings, scores = beam_search(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64))
     assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
     assert greedy_decode(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64)) == [[], []]
+
+
+@pytest.mark.parametrize("decode", [greedy_decode, beam_search], ids=["greedy", "beam"])
+def test_no_host_sync_per_time_step(decode):
+    """Decoding reads tensor values back to Python (a host sync on CUDA) a fixed number of times, whatever T."""
+
+    def run(frames):
+        decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
+
+    assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
