@@ -38,9 +38,11 @@ class BadInput:
         policy: kind -> ``"error"`` or ``"skip"``; kinds left out get :data:`DEFAULT_POLICY`. Unknown kinds or
             policies raise ``ValueError`` (so a typo in ``data.bad_input`` is not silently ignored).
         examples: skipped samples quoted per kind in :meth:`summary`.
+        skip_hint: how to skip such samples instead, ``{kind}`` replaced, appended to every error.
     """
 
-    def __init__(self, policy: Mapping[str, str] | None = None, examples: int = 3) -> None:
+    def __init__(self, policy: Mapping[str, str] | None = None, examples: int = 3,
+                 skip_hint: str = "set data.bad_input.{kind}=skip to skip such samples") -> None:
         policy = dict(policy or {})
         unknown = set(policy) - set(KINDS)
         if unknown:
@@ -50,12 +52,13 @@ class BadInput:
             raise ValueError(f"bad-input policies must be one of {list(POLICIES)}, got {wrong}")
         self.policy = {**DEFAULT_POLICY, **policy}
         self.examples = examples
+        self.skip_hint = skip_hint
         self.skipped: dict[str, list[str]] = {kind: [] for kind in KINDS}
 
     def report(self, kind: str, where: str, what: str) -> None:
         """A bad sample: raise :class:`BadInputError` (policy ``error``) or record it as skipped."""
         if self.policy[kind] == "error":
-            raise BadInputError(f"{where}: {what} [{kind}; set data.bad_input.{kind}=skip to skip such samples]")
+            raise BadInputError(f"{where}: {what} [{kind}; {self.skip_hint.format(kind=kind)}]")
         self.skipped[kind].append(f"{where}: {what}")
 
     @property

@@ -1,11 +1,13 @@
-"""The tools around a checkpoint: loading it alone (weights_only), predict, ONNX export, alignment plots.
+"""The tools around a checkpoint: loading it alone (weights_only), predict, evaluate, ONNX export, alignment plots.
 
 One tiny model is trained per session (a few dozen CPU steps); the scripts' ``main`` functions run in-process.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
+import editdistance
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from crnn.inference import load_recognizer, read_image, recognize
 from crnn.model import CRNN
 from crnn.module import CRNNModule
 from crnn.pipeline import train
-from data import LineRenderer
+from data import BadInputError, LineRenderer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +88,59 @@ def test_beam_confidence_sums_the_alignments_greedy_takes_one(checkpoint, image_
         assert 0.0 < greedy_p <= 1.0 and 0.0 < beam_p <= 1.0
         if beam_text == greedy_text:  # all the text's alignments vs its best one
             assert beam_p >= greedy_p
+
+
+@pytest.fixture(scope="module")
+def labelled_dir(tmp_path_factory) -> Path:
+    """Twelve rendered digit lines as a gt.txt folder, plus a thirteenth line whose label has a letter."""
+    directory = tmp_path_factory.mktemp("labelled") / "test"
+    script("render_dataset").main(["--size", "12", "--seed", "5", "--output", str(directory)])
+    with open(directory / "gt.txt", "a", encoding="utf-8") as gt:
+        gt.write("images/000000.png\t12a\n")
+    return directory
+
+
+def test_evaluate_matches_predict_and_editdistance_on_folder_and_lmdb(checkpoint, labelled_dir, tmp_path, capsys):
+    lmdb_dir = tmp_path / "lmdb"
+    script("make_lmdb").main([str(labelled_dir), str(lmdb_dir)])
+    capsys.readouterr()
+    errors, metrics_json = tmp_path / "errors.tsv", tmp_path / "metrics.json"
+    results = script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), str(lmdb_dir),
+                                       "--batch-size", "5", "--device", "cpu", "--errors", str(errors),
+                                       "--json", str(metrics_json)])
+    printed = capsys.readouterr().out.splitlines()
+    # the reference: predict.py on each image, scored line by line with editdistance
+    lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()]
+    predicted = {path: text for path, text, _ in script("predict").main(
+        ["--checkpoint", str(checkpoint), str(labelled_dir / "images"), "--device", "cpu"])}
+    texts = [predicted[str(labelled_dir / path)] for path, _ in lines]
+    edits = sum(editdistance.eval(text, label) for text, (_, label) in zip(texts, lines))
+    cer = edits / sum(len(label) for _, label in lines)
+    accuracy = sum(text == label for text, (_, label) in zip(texts, lines)) / len(lines)
+    for name in (str(labelled_dir), str(lmdb_dir)):
+        assert results[name]["lines"] == 13 and results[name]["unknown_char_lines"] == 1
+        assert results[name]["cer"] == pytest.approx(cer) and results[name]["acc"] == pytest.approx(accuracy)
+    assert results["total"]["lines"] == 26 and results["total"]["cer"] == pytest.approx(cer)
+    assert printed[0].startswith(f"{labelled_dir}\tlines=13 cer={cer:.4f}") and "outside the charset" in printed[0]
+    assert json.loads(metrics_json.read_text()) == results
+    rows = errors.read_text().splitlines()
+    assert len(rows) == 1 + 2 * sum(text != label for text, (_, label) in zip(texts, lines))
+    assert [texts[-1]] == [row.split("\t")[2] for row in rows if row.split("\t")[1] == "12a"][:1]
+
+
+def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, labelled_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    lines = (labelled_dir / "gt.txt").read_text().splitlines()[:3] + ["images/nowhere.png\t123"]
+    for path, _ in (line.split("\t") for line in lines[:3]):
+        (broken / path).write_bytes((labelled_dir / path).read_bytes())
+    (broken / "gt.txt").write_text("\n".join(lines) + "\n")
+    evaluate = script("evaluate")
+    with pytest.raises(BadInputError, match=r"gt\.txt:4: image .*nowhere\.png.* not found .*--skip-bad"):
+        evaluate.main(["--checkpoint", str(checkpoint), str(broken), "--device", "cpu"])
+    results = evaluate.main(["--checkpoint", str(checkpoint), str(broken), "--device", "cpu", "--skip-bad"])
+    assert results[str(broken)]["lines"] == 3 and results[str(broken)]["skipped"] == 1
+    assert "skipped 1: missing_image 1" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

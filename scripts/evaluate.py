@@ -1,0 +1,152 @@
+"""Evaluate a checkpoint on labelled line images: CER, sequence accuracy and normalised edit distance.
+
+Example::
+
+    python scripts/evaluate.py --checkpoint outputs/RUN/checkpoints/last.ckpt /tmp/ds/test /tmp/ds_lmdb/test \\
+        --decoder beam --errors errors.tsv
+
+Each dataset is a ``gt.txt`` folder or an LMDB directory (the formats of ``data=folder`` / ``data=lmdb``),
+preprocessed as in training. Every line counts, also those whose label has characters outside the model's
+charset (the model cannot emit them: they count as errors, and their number is printed). Malformed ``gt.txt``
+lines, empty labels and missing or unreadable images stop with an error naming the file and line; with
+``--skip-bad`` they are skipped, counted and summarised instead. Prints one line per dataset (and a total
+over several), ``--errors`` writes every misread line as ``where<TAB>label<TAB>prediction<TAB>confidence``,
+``--json`` the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crnn.inference import DECODERS, load_recognizer, recognize, resolve_device  # noqa: E402
+from crnn.metrics import TextMetrics  # noqa: E402
+from crnn.module import CRNNModule  # noqa: E402
+from data import BadInput, FolderLines, LabelledLines, LmdbLines, image_to_tensor, read_gt, read_lmdb_labels  # noqa: E402
+from data.folder import GT_FILE  # noqa: E402
+
+DATA_KINDS = ("missing_image", "unreadable_image", "malformed", "empty_label")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
+    parser.add_argument("datasets", nargs="+", help="gt.txt folders or LMDB directories")
+    parser.add_argument("--decoder", choices=DECODERS, default="greedy")
+    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip (and count) malformed lines, empty labels, missing and unreadable images")
+    parser.add_argument("--errors", type=Path, help="write every misread line here (TSV)")
+    parser.add_argument("--json", type=Path, help="write the metrics here")
+    return parser.parse_args(argv)
+
+
+def open_dataset(path: str, module: CRNNModule, bad: BadInput) -> LabelledLines:
+    """The labelled lines at ``path`` (a ``gt.txt`` folder or an LMDB directory), in the model's charset, height
+    and channels; malformed entries and empty labels go to ``bad``."""
+    directory = Path(path)
+    args = (module.charset, module.hparams.height, module.hparams.model.get("in_channels", 1))
+    if (directory / GT_FILE).is_file():
+        records, dataset = read_gt(directory, bad), lambda records: FolderLines(records, *args)
+    elif (directory / "data.mdb").is_file():
+        records, dataset = read_lmdb_labels(directory, bad), lambda records: LmdbLines(str(directory), records, *args)
+    else:
+        raise FileNotFoundError(f"{path}: neither a folder with a {GT_FILE} nor an LMDB directory (data.mdb)")
+    kept = []
+    for record in records:
+        if record.label:
+            kept.append(record)
+        else:
+            bad.report("empty_label", record.where, "empty label")
+    return dataset(kept)
+
+
+def read_images(dataset: LabelledLines, indices: range, bad: BadInput) -> list[tuple[int, torch.Tensor]]:
+    """``(index, image tensor)`` for the records at ``indices`` whose image can be read; the others go to ``bad``."""
+    images = []
+    for index in indices:
+        record = dataset.records[index]
+        try:
+            with dataset.open_image(record.key) as image:
+                images.append((index, image_to_tensor(image, dataset.height, dataset.channels)))
+        except FileNotFoundError as err:
+            bad.report("missing_image", record.where, f"image {record.key!r} not found ({err})")
+        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+            bad.report("unreadable_image", record.where, f"cannot read image {record.key!r}: {type(err).__name__}: {err}")
+    return images
+
+
+def evaluate(module: CRNNModule, dataset: LabelledLines, bad: BadInput, args: argparse.Namespace,
+             total: TextMetrics, errors: list[str]) -> dict[str, float | int]:
+    """Metrics of one dataset (also added to ``total``); misread lines appended to ``errors`` as TSV rows."""
+    metrics, known = TextMetrics(), set(module.charset.characters)
+    lines = unknown = 0
+    for start in range(0, len(dataset), args.batch_size):
+        batch = read_images(dataset, range(start, min(start + args.batch_size, len(dataset))), bad)
+        if not batch:
+            continue
+        recognised = recognize(module, [image for _, image in batch], args.decoder, args.beam_width)
+        labels = [dataset.records[index].label for index, _ in batch]
+        predictions = [text for text, _ in recognised]
+        metrics.update(predictions, labels)
+        total.update(predictions, labels)
+        lines += len(batch)
+        unknown += sum(not set(label) <= known for label in labels)
+        errors.extend(f"{dataset.records[index].where}\t{label}\t{text}\t{confidence:.4g}"
+                      for (index, _), label, (text, confidence) in zip(batch, labels, recognised) if text != label)
+    return {"lines": lines, "skipped": bad.num_skipped, "unknown_char_lines": unknown,
+            **{name: value.item() for name, value in metrics.compute().items()}}
+
+
+def describe(name: str, result: dict[str, float | int]) -> str:
+    line = (f"{name}\tlines={result['lines']} cer={result['cer']:.4f} acc={result['acc']:.4f} "
+            f"ned={result['ned']:.4f}")
+    if result.get("skipped"):
+        line += f" skipped={result['skipped']}"
+    if result.get("unknown_char_lines"):
+        line += f" (labels of {result['unknown_char_lines']} lines have characters outside the charset)"
+    return line
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int]]:
+    """Print and return ``{dataset: {"lines", "skipped", "unknown_char_lines", "cer", "acc", "ned"}}`` (plus
+    ``"total"`` over several datasets)."""
+    args = parse_args(argv)
+    if args.batch_size < 1 or args.beam_width < 1:
+        raise SystemExit("--batch-size and --beam-width must be at least 1")
+    module = load_recognizer(args.checkpoint, resolve_device(args.device))
+    policy = dict.fromkeys(DATA_KINDS, "skip" if args.skip_bad else "error")
+    results, total, errors = {}, TextMetrics(), []
+    for path in args.datasets:
+        bad = BadInput(policy, skip_hint="pass --skip-bad to skip such samples")
+        dataset = open_dataset(path, module, bad)
+        try:
+            results[path] = evaluate(module, dataset, bad, args, total, errors)
+        finally:
+            if isinstance(dataset, LmdbLines):
+                dataset.close()
+        print(describe(path, results[path]), flush=True)
+        if bad.num_skipped:
+            print(bad.summary(f"  {path}", results[path]["lines"]), flush=True)
+    if len(args.datasets) > 1:
+        results["total"] = {"lines": sum(r["lines"] for r in results.values()),
+                            **{name: value.item() for name, value in total.compute().items()}}
+        print(describe("total", results["total"]))
+    if args.errors:
+        args.errors.write_text("".join(f"{row}\n" for row in ["where\tlabel\tprediction\tconfidence", *errors]),
+                               encoding="utf-8")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
