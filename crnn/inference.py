@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -21,6 +22,14 @@ class Recognition(NamedTuple):
 
     text: str
     confidence: float
+
+
+def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options every recognition script shares: ``--decoder``, ``--beam-width``, ``--batch-size``, ``--device``."""
+    parser.add_argument("--decoder", choices=DECODERS, default="greedy")
+    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

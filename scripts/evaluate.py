@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crnn.inference import DECODERS, load_recognizer, recognize, resolve_device  # noqa: E402
+from crnn.inference import add_recognition_arguments, load_recognizer, recognize, resolve_device  # noqa: E402
 from crnn.metrics import TextMetrics  # noqa: E402
 from crnn.module import CRNNModule  # noqa: E402
 from data import BadInput, FolderLines, LabelledLines, LmdbLines, image_to_tensor, read_gt, read_lmdb_labels  # noqa: E402
@@ -38,10 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
     parser.add_argument("datasets", nargs="+", help="gt.txt folders or LMDB directories")
-    parser.add_argument("--decoder", choices=DECODERS, default="greedy")
-    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
+    add_recognition_arguments(parser, batch_size=64)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip (and count) malformed lines, empty labels, missing and unreadable images")
     parser.add_argument("--errors", type=Path, help="write every misread line here (TSV)")

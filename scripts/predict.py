@@ -22,17 +22,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crnn.inference import DECODERS, load_recognizer, read_image, recognize, resolve_device  # noqa: E402
+from crnn.inference import add_recognition_arguments, load_recognizer, read_image, recognize, resolve_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
-    parser.add_argument("--decoder", choices=DECODERS, default="greedy")
-    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
+    add_recognition_arguments(parser, batch_size=32)
     return parser.parse_args(argv)
 
 
