@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
+from pytorch_lightning.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 
 from crnn.module import CRNNModule
@@ -41,13 +42,31 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> CRNNMod
     )
 
 
+def stop_reason(trainer: pl.Trainer) -> str:
+    """Why ``trainer.fit`` ended: ``"fast_dev_run"``, ``"interrupted"``, ``"max_time"`` (the ``Timer`` ran out),
+    ``"max_steps"``, ``"max_epochs"``, or else ``"early_stopping"`` (``"callback"`` without an EarlyStopping)."""
+    if trainer.fast_dev_run:
+        return "fast_dev_run"
+    if trainer.interrupted:
+        return "interrupted"
+    timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
+    if any(timer.time_remaining() is not None and timer.time_remaining() <= 0 for timer in timers):
+        return "max_time"
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return "max_steps"
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        return "max_epochs"
+    return "early_stopping" if trainer.early_stopping_callbacks else "callback"
+
+
 def train(cfg: DictConfig) -> dict[str, float | int | str]:
     """Seed, fit (resuming from ``cfg.ckpt_path`` if set), then validate and test the best checkpoint (the
     last weights if none was saved).
 
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
     ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
-    ``steps`` (int) and ``best_checkpoint`` (path, "" if none), plus any other ``val/*``/``test/*`` logged.
+    ``steps`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path, "" if none), plus any
+    other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a warning.
     """
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -58,7 +77,11 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fitted = {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
-              "steps": trainer.global_step}
+              "steps": trainer.global_step, "stop_reason": stop_reason(trainer)}
+    if fitted["stop_reason"] == "max_time":
+        log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
+                    "schedule ended; set trainer.max_time=null (or longer) to train fully",
+                    cfg.trainer.get("max_time"), trainer.global_step, trainer.current_epoch, trainer.max_epochs)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
@@ -80,5 +103,6 @@ def summary_line(metrics: dict[str, float | int | str]) -> str:
         f"val/cer={metrics['val/cer']:.4f} val/acc={metrics['val/acc']:.4f} "
         f"test/cer={metrics['test/cer']:.4f} test/acc={metrics['test/acc']:.4f} "
         f"epochs={metrics['epochs']} steps={metrics['steps']} train_seconds={metrics['train_seconds']:.1f} "
+        f"stop={metrics['stop_reason']} "
         f"best_checkpoint={metrics['best_checkpoint'] or '-'}"
     )

@@ -17,7 +17,8 @@ from crnn.pipeline import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
-REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "best_checkpoint"}
+REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "stop_reason",
+            "best_checkpoint"}
 
 
 def run(tmp_path: Path, *overrides: str) -> dict:
@@ -26,14 +27,14 @@ def run(tmp_path: Path, *overrides: str) -> dict:
     metrics = train(cfg)
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
     assert REPORTED <= set(metrics)
-    assert all(math.isfinite(v) for k, v in metrics.items() if k != "best_checkpoint")
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
     return metrics
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_fast_dev_run_every_loss(loss, tmp_path):
     metrics = run(tmp_path, "debug=fast_dev_run", "model=crnn_small", f"loss={loss}")
-    assert metrics["steps"] == 1 and metrics["best_checkpoint"] == ""
+    assert metrics["steps"] == 1 and metrics["best_checkpoint"] == "" and metrics["stop_reason"] == "fast_dev_run"
 
 
 @pytest.mark.parametrize(
@@ -50,14 +51,31 @@ def test_fast_dev_run_bf16_mixed(tmp_path):
     run(tmp_path, "debug=fast_dev_run", "model=crnn_small", "trainer=cpu", "trainer.precision=bf16-mixed")
 
 
+TINY = ["model=crnn_small", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16"]
+
+
 def test_short_run_saves_a_checkpoint_that_rebuilds_the_model(tmp_path):
-    metrics = run(tmp_path, "model=crnn_small", "trainer.max_epochs=2", "data.train_size=32", "data.val_size=16",
-                  "data.test_size=16", "data.batch_size=16")
-    assert metrics["epochs"] == 2 and metrics["steps"] == 4
+    metrics = run(tmp_path, *TINY, "trainer.max_epochs=2")
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4 and metrics["stop_reason"] == "max_epochs"
     assert (tmp_path / "checkpoints" / "last.ckpt").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     module = CRNNModule.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
     texts = module.predict_texts(torch.rand(2, 1, 32, 60), torch.tensor([60, 45]))
     assert len(texts) == 2 and all(set(text) <= set("0123456789") for text in texts)
+
+
+def test_a_run_cut_short_by_max_time_says_so(tmp_path, caplog):
+    metrics = run(tmp_path, *TINY, "trainer.max_epochs=50", "trainer.max_time=00:00:00:01",
+                  "callbacks.early_stopping=null")
+    assert metrics["stop_reason"] == "max_time" and metrics["epochs"] < 50
+    assert "stopped by trainer.max_time=00:00:00:01" in caplog.text and "trainer.max_time=null" in caplog.text
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    (["+trainer.max_steps=3"], "max_steps"),
+    (["callbacks.early_stopping.stopping_threshold=1.01"], "early_stopping"),  # any val CER is below 1.01
+])
+def test_stop_reason(overrides, reason, tmp_path):
+    assert run(tmp_path, *TINY, "trainer.max_epochs=4", *overrides)["stop_reason"] == reason
 
 
 def test_cli_fast_dev_run(tmp_path):
