@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -63,6 +64,8 @@ class CRNN(nn.Module):
     Padding never changes the result for a valid frame: before every convolution the columns past each
     image's true width are zeroed (what the convolution's own zero padding does to the image alone), and
     the RNN input is packed to the true lengths. Only batch-norm statistics in training mode see padding.
+    An image narrower than :attr:`min_width` (the fewest columns that give one frame) is read as if
+    right-padded with zero columns to that width, alone or in a batch.
 
     Args:
         num_classes: output classes including the blank.
@@ -120,13 +123,20 @@ class CRNN(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(2 * rnn_hidden, num_classes)
+        self.min_width = 1
+        while self._conv_widths(torch.tensor([self.min_width]))[-1].item() < 1:
+            self.min_width += 1
+
+    def _conv_widths(self, widths: torch.Tensor) -> list[torch.Tensor]:
+        """Widths entering each layer of the conv stack, then leaving the last one: ``len(cnn) + 1`` tensors."""
+        stages = [widths.long()]
+        for layer in self.cnn:
+            stages.append(layer_output_width(layer, stages[-1]))
+        return stages
 
     def output_lengths(self, widths: torch.Tensor) -> torch.Tensor:
         """``(B,)`` int64 output frames (at least 1) for images of true widths ``widths`` (``(B,)`` int)."""
-        lengths = widths.long()
-        for layer in self.cnn:
-            lengths = layer_output_width(layer, lengths)
-        return lengths.clamp(min=1)
+        return self._conv_widths(widths.long().clamp(min=self.min_width))[-1]
 
     def forward(self, images: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame class log-probabilities.
@@ -140,13 +150,16 @@ class CRNN(nn.Module):
         """
         if images.shape[2] != self.height:
             raise ValueError(f"images must be {self.height} px high, got shape {tuple(images.shape)}")
-        x, lengths = images, widths.to(images.device).long()
-        for layer in self.cnn:
+        widths = widths.to(images.device).long()
+        x = images if images.shape[-1] >= self.min_width else F.pad(images, (0, self.min_width - images.shape[-1]))
+        # the first mask cuts each image at its true width, the later ones at the conv stack's widths of
+        # max(width, min_width): a narrow image is zero-padded to the width of one frame
+        stages = iter(self._conv_widths(widths.clamp(min=self.min_width)))
+        for layer, lengths in zip(self.cnn, stages):
             if isinstance(layer, nn.Conv2d):
-                x = x * _width_mask(lengths, x.shape[-1]).to(x.dtype)
+                x = x * _width_mask(widths if layer is self.cnn[0] else lengths, x.shape[-1]).to(x.dtype)
             x = layer(x)
-            lengths = layer_output_width(layer, lengths)
-        lengths = lengths.clamp(1, x.shape[-1])
+        lengths = next(stages)
         x = x.squeeze(2).permute(2, 0, 1)  # (T, B, C_feat)
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         x, _ = pad_packed_sequence(self.rnn(packed)[0], total_length=x.shape[0])

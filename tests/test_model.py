@@ -20,7 +20,7 @@ CONFIGS = {
 def test_padded_batch_matches_each_image_alone(overrides):
     torch.manual_seed(0)
     model = CRNN(num_classes=7, **overrides).eval()
-    widths = torch.tensor([97, 8, 150, 41])
+    widths = torch.tensor([97, 8, 150, 41, 3, 1])  # 3 and 1: narrower than one frame (min_width 8 or 6)
     images = torch.rand(len(widths), 1, 32, int(widths.max()))
     log_probs, lengths = model(images, widths)
 
@@ -32,6 +32,17 @@ def test_padded_batch_matches_each_image_alone(overrides):
         alone, alone_length = model(images[i : i + 1, :, :, :width], widths[i : i + 1])
         assert alone_length.item() == lengths[i].item() == alone.shape[0]
         torch.testing.assert_close(alone[:, 0], log_probs[: lengths[i], i], atol=1e-5, rtol=1e-4)
+
+
+def test_narrow_images_read_as_zero_padded_to_one_frame():
+    torch.manual_seed(0)
+    model = CRNN(num_classes=5).eval()
+    assert model.min_width == 8
+    image = torch.rand(1, 1, 32, 5)
+    log_probs, lengths = model(image, torch.tensor([5]))
+    padded, padded_lengths = model(torch.cat([image, torch.zeros(1, 1, 32, 3)], -1), torch.tensor([8]))
+    assert lengths.tolist() == padded_lengths.tolist() == [1]
+    torch.testing.assert_close(log_probs, padded)
 
 
 @pytest.mark.parametrize(
