@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
@@ -45,7 +46,8 @@ class CRNNModule(pl.LightningModule):
         scheduler: optional ``scheduler(optimizer, ...) -> LRScheduler``; if it takes ``total_steps`` and
             none is given (e.g. ``OneCycleLR``), ``trainer.estimated_stepping_batches`` is passed.
         scheduler_interval: ``"step"`` or ``"epoch"``: when the scheduler steps.
-        num_logged_samples: predictions of the first validation batch logged as text each epoch.
+        num_logged_samples: validation lines whose prediction is logged as text each epoch while fitting
+            (the first line of evenly spaced batches).
     """
 
     def __init__(
@@ -96,7 +98,7 @@ class CRNNModule(pl.LightningModule):
         batch_size = len(batch["texts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/infeasible", (lengths < needed).sum().float(), on_step=False, on_epoch=True,
-                 reduce_fx="sum", batch_size=batch_size)
+                 reduce_fx="sum", batch_size=batch_size, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -109,17 +111,26 @@ class CRNNModule(pl.LightningModule):
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
         log_probs, lengths = self(batch["images"], batch["widths"])
         loss = self.compute_loss(log_probs, lengths, batch)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["texts"]))
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["texts"]), sync_dist=True)
         preds = self.decode(log_probs, lengths)
         self.metrics[stage].update(preds, batch["texts"])
-        if batch_idx == 0:
-            self._samples = list(zip(preds, batch["texts"]))[: self.hparams.num_logged_samples]
+        if stage == "val" and batch_idx % self._sample_stride() == 0:
+            self._samples.append((preds[0], batch["texts"][0]))
         return preds
+
+    def _sample_stride(self) -> int:
+        """Batches between two logged validation samples, so that they come from across the set (whose batches
+        may go by image width)."""
+        batches = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else 1
+        if not math.isfinite(batches):  # a loader without a length
+            return 1
+        return max(1, int(batches) // max(1, self.hparams.num_logged_samples))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
-        if not self.trainer.sanity_checking and self._samples:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self._samples:
             self._log_samples()
+        self._samples = []
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -130,7 +141,7 @@ class CRNNModule(pl.LightningModule):
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
 
     def _log_samples(self) -> None:
-        lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples]
+        lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples[: self.hparams.num_logged_samples]]
         if self.trainer.is_global_zero:
             log.info("val samples at step %d: %s", self.global_step, "; ".join(lines))
         for logger in self.loggers:
@@ -146,6 +157,19 @@ class CRNNModule(pl.LightningModule):
         kwargs = {}
         given = getattr(self.scheduler_factory, "keywords", {})
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters and "total_steps" not in given:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            kwargs["total_steps"] = self._schedule_length()
         scheduler = {"scheduler": self.scheduler_factory(optimizer, **kwargs), "interval": self.hparams.scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _schedule_length(self) -> int:
+        """Scheduler steps in the whole run (``total_steps`` of e.g. OneCycleLR): optimizer steps with
+        ``scheduler_interval="step"``, epochs with ``"epoch"``."""
+        if self.hparams.scheduler_interval == "epoch":
+            total = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else math.inf
+        else:
+            total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(f"the scheduler needs the run's length in {self.hparams.scheduler_interval}s, but the "
+                             "trainer has no bound: set trainer.max_epochs (or +trainer.max_steps), give "
+                             "scheduler.total_steps, or pass scheduler=null")
+        return int(total)

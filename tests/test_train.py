@@ -3,6 +3,7 @@ and every loss learning."""
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -76,6 +77,22 @@ def test_a_run_cut_short_by_max_time_says_so(tmp_path, caplog):
 ])
 def test_stop_reason(overrides, reason, tmp_path):
     assert run(tmp_path, *TINY, "trainer.max_epochs=4", *overrides)["stop_reason"] == reason
+
+
+def test_one_cycle_stepped_per_epoch_spans_the_epochs(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="crnn.module")
+    run(tmp_path, *TINY, "trainer.max_epochs=12", "module.scheduler_interval=epoch", "callbacks.early_stopping=null")
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rates = [float(row["lr-AdamW"]) for row in csv.DictReader(f) if row.get("lr-AdamW")]
+    # logged every 10 steps (epochs 4 and 9 of 12): annealing from max_lr (5e-3) over 12 epochs, not 24 steps
+    assert len(rates) == 2 and 0.5 * 5e-3 < rates[0] < 5e-3 and rates[1] < 0.2 * 5e-3
+    # validation samples are logged once per fit epoch, not for train.py's final validation
+    assert caplog.text.count("val samples at step") == 12
+
+
+def test_one_cycle_without_a_bound_on_the_run_says_what_to_set(tmp_path):
+    with pytest.raises(ValueError, match="set trainer.max_epochs"):
+        run(tmp_path, *TINY, "trainer.max_epochs=-1", "trainer.max_time=00:00:00:05")
 
 
 def test_cli_fast_dev_run(tmp_path):
