@@ -24,11 +24,19 @@ class Recognition(NamedTuple):
     confidence: float
 
 
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """The options every recognition script shares: ``--decoder``, ``--beam-width``, ``--batch-size``, ``--device``."""
     parser.add_argument("--decoder", choices=DECODERS, default="greedy")
-    parser.add_argument("--beam-width", type=int, default=10, help="prefixes kept per frame by --decoder beam")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--beam-width", type=positive_int, default=10, help="prefixes kept per frame by --decoder beam")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from crnn.module import CRNNModule
@@ -72,6 +72,9 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
+    if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
+        log.info("no logger: the learning-rate monitor is left out")
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()

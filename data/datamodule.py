@@ -16,15 +16,14 @@ from data.synthetic import SyntheticLines, make_renderer
 SPLITS = ("train", "val", "test")
 
 
-def collate_lines(samples: Sequence[dict], pad_value: float | None = None) -> dict:
-    """Batch samples ``{"image": (1, H, W_i) float, "text": str, "target": (L_i,) int64}``.
+def collate_lines(samples: Sequence[dict]) -> dict:
+    """Batch samples ``{"image": (channels, H, W_i) float, "text": str, "target": (L_i,) int64}``.
 
-    Images are right-padded to the widest one. With ``pad_value=None`` each image is padded with its
-    own median intensity, i.e. its background level (text lines are mostly background), so padding
-    adds no artificial edge whatever the polarity; a number pads every image with that constant.
+    Images are right-padded with zeros to the widest one; ``widths`` says where each ends (the CRNN masks
+    the padding, so its value never changes a result).
 
     Returns:
-        dict with ``"images"`` float32 ``(B, 1, H, W_max)``, ``"widths"`` int64 ``(B,)`` (unpadded
+        dict with ``"images"`` float32 ``(B, channels, H, W_max)``, ``"widths"`` int64 ``(B,)`` (unpadded
         widths), ``"targets"`` int64 ``(B, S_max)`` (padded with 0; only the first
         ``target_lengths[b]`` entries of row ``b`` are labels), ``"target_lengths"`` int64 ``(B,)``
         and ``"texts"`` list of ``B`` str.
@@ -34,11 +33,9 @@ def collate_lines(samples: Sequence[dict], pad_value: float | None = None) -> di
     widths = torch.tensor([im.shape[-1] for im in images], dtype=torch.long)
     target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
     channels, height = images[0].shape[:2]
-    batch = torch.empty(len(images), channels, height, int(widths.max()), dtype=images[0].dtype)
+    batch = torch.zeros(len(images), channels, height, int(widths.max()), dtype=images[0].dtype)
     for b, im in enumerate(images):
-        width = im.shape[-1]
-        batch[b, ..., :width] = im
-        batch[b, ..., width:] = im.median() if pad_value is None else pad_value
+        batch[b, ..., : im.shape[-1]] = im
     padded_targets = torch.zeros(len(targets), int(target_lengths.max()), dtype=torch.long)
     for b, t in enumerate(targets):
         padded_targets[b, : len(t)] = t

@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int]]:
     """Print and return ``{dataset: {"lines", "skipped", "unknown_char_lines", "cer", "acc", "ned"}}`` (plus
     ``"total"`` over several datasets)."""
     args = parse_args(argv)
-    if args.batch_size < 1 or args.beam_width < 1:
-        raise SystemExit("--batch-size and --beam-width must be at least 1")
     module = load_recognizer(args.checkpoint, resolve_device(args.device))
     policy = dict.fromkeys(DATA_KINDS, "skip" if args.skip_bad else "error")
     results, total, errors = {}, TextMetrics(), []

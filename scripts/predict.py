@@ -33,9 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def readable_suffixes() -> set[str]:
+    """File extensions of the formats Pillow can open (not those it can only write, such as ``.pdf``)."""
+    Image.init()
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
 def image_paths(inputs: Sequence[str]) -> Iterator[Path]:
-    """Each input file, and every file with an image extension Pillow knows below each input folder."""
-    suffixes = set(Image.registered_extensions())
+    """Each input file, and every file with an extension of a format Pillow reads below each input folder."""
+    suffixes = readable_suffixes()
     for name in map(Path, inputs):
         if name.is_dir():
             yield from sorted(p for p in name.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)

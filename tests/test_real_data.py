@@ -249,9 +249,12 @@ def run(tmp_path: Path, dirs: dict[str, Path], data: str, *overrides: str) -> di
 
 
 @pytest.mark.parametrize("data", ["folder", "lmdb"])
-def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data):
-    metrics = run(tmp_path, rendered[data], data, "debug=fast_dev_run", "model=crnn_small")
-    assert metrics["steps"] == 1 and all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data, channels):
+    """Grey or RGB (``data.channels=3``: the model's ``in_channels`` follows)."""
+    metrics = run(tmp_path, rendered[data], data, "debug=fast_dev_run", "model=crnn_small", f"data.channels={channels}")
+    assert metrics["steps"] == 1
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
 
 
 @pytest.mark.slow

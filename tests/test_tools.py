@@ -18,7 +18,7 @@ from crnn.inference import load_recognizer, read_image, recognize
 from crnn.model import CRNN
 from crnn.module import CRNNModule
 from crnn.pipeline import train
-from data import BadInputError, LineRenderer
+from data import BadInputError, LineRenderer, collate_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,29 @@ def test_predict_prints_path_text_confidence_like_the_module(checkpoint, image_d
         image = read_image(path, module)
         assert text == module.predict_texts(image[None], torch.tensor([image.shape[-1]]))[0]  # batch of 1
         assert 0.0 <= float(confidence) <= 1.0
+
+
+def test_predict_reads_only_formats_pillow_opens_and_rejects_a_zero_batch(checkpoint, image_dir, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "line.png").write_bytes((image_dir / "line0.png").read_bytes())
+    (mixed / "notes.pdf").write_bytes(b"%PDF-1.4 not an image")  # Pillow writes PDF, cannot read it
+    predict = script("predict")
+    assert [Path(r[0]).name for r in predict.main(["--checkpoint", str(checkpoint), str(mixed), "--device", "cpu"])] \
+        == ["line.png"]
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(checkpoint), str(mixed), "--batch-size", "0"])
+
+
+def test_greedy_confidence_is_the_best_path_probability_of_the_line_alone(checkpoint, image_dir):
+    module = load_recognizer(checkpoint)
+    short, long = (read_image(image_dir / name, module) for name in ("line0.png", "line1.png"))
+    if short.shape[-1] > long.shape[-1]:
+        short, long = long, short
+    with torch.no_grad():
+        log_probs, _ = module(short[None], torch.tensor([short.shape[-1]]))
+    expected = log_probs[:, 0].amax(-1).sum().exp().item()  # product over the line's own frames
+    assert recognize(module, [short, long], "greedy")[0].confidence == pytest.approx(expected, rel=1e-4)
 
 
 def test_beam_confidence_sums_the_alignments_greedy_takes_one(checkpoint, image_dir):
@@ -152,10 +175,25 @@ def test_predict_on_gpu_matches_cpu(checkpoint, image_dir):
     np.testing.assert_allclose([r[2] for r in on_gpu], [r[2] for r in on_cpu], rtol=1e-3)
 
 
-def test_export_onnx_matches_pytorch(checkpoint, tmp_path, capsys):
+def test_export_onnx_matches_pytorch(checkpoint, image_dir, tmp_path, capsys):
     output = tmp_path / "crnn.onnx"
-    assert script("export_onnx").main(["--checkpoint", str(checkpoint), "--output", str(output)]) == 0
+    export_onnx = script("export_onnx")
+    assert export_onnx.main(["--checkpoint", str(checkpoint), "--output", str(output)]) == 0
     assert output.stat().st_size > 10_000 and "max abs diff" in capsys.readouterr().out
+    # checked here too, not only by the script's own comparison: a padded batch of real images of other widths
+    module = load_recognizer(checkpoint)
+    batch = collate_lines([{"image": read_image(path, module), "text": "", "target": torch.empty(0, dtype=torch.long)}
+                           for path in sorted(image_dir.glob("*.png"))])
+    session = export_onnx.onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    onnx_log_probs, onnx_lengths = session.run(None, {"images": batch["images"].numpy(),
+                                                      "widths": batch["widths"].numpy()})
+    with torch.no_grad():
+        log_probs, lengths = module(batch["images"], batch["widths"])
+    assert onnx_lengths.tolist() == lengths.tolist()
+    for b, length in enumerate(lengths.tolist()):
+        np.testing.assert_allclose(onnx_log_probs[:length, b], log_probs[:length, b].numpy(), atol=1e-4)
+    # and the script fails when the two differ by more than its tolerance
+    assert export_onnx.main(["--checkpoint", str(checkpoint), "--output", str(output), "--tolerance", "-1"]) == 1
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
