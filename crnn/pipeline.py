@@ -70,6 +70,11 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     """
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    overfit_batches = cfg.trainer.get("overfit_batches", 0)
+    if overfit_batches:
+        if not isinstance(overfit_batches, int):
+            raise ValueError(f"trainer.overfit_batches must be a whole number of batches, got {overfit_batches}")
+        datamodule.overfit(overfit_batches)
     module = build_module(cfg, datamodule)
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):

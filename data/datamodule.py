@@ -257,6 +257,12 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.group_by_length = group_by_length
         self.datasets: dict[str, SyntheticLines] = {}
 
+    def overfit(self, num_batches: int) -> None:
+        """Train on the same ``num_batches`` batches' worth of lines every epoch (``trainer.overfit_batches``:
+        Lightning itself can only fix the batches of a loader built on a ``RandomSampler``)."""
+        self.sizes["train"], self.fresh_train = num_batches * self.batch_size, False
+        self.datasets.pop("train", None)
+
     def _dataset(self, split: str) -> SyntheticLines:
         """The split's dataset, built (and for val/test optionally pre-rendered) on first use."""
         if split not in self.datasets:

@@ -200,6 +200,11 @@ class LabelledDataModule(pl.LightningDataModule):
                      len(labels), self.dirs["train"], charset, len(charset))
         self.charset = Charset(charset, blank=blank)
 
+    def overfit(self, num_batches: int) -> None:
+        """Train on the first ``num_batches`` batches' worth of samples only (``trainer.overfit_batches``)."""
+        self.sizes["train"] = min(self.sizes["train"] or num_batches * self.batch_size, num_batches * self.batch_size)
+        self.datasets.pop("train", None)
+
     def read_records(self, directory: str, bad: BadInput) -> list[Record]:
         """The records of one split, labels only (no image is opened); malformed entries go to ``bad``."""
         raise NotImplementedError

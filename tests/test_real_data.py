@@ -257,6 +257,12 @@ def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data, channels):
     assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
 
 
+def test_debug_overfit_on_a_folder_uses_its_first_batches(rendered, tmp_path):
+    metrics = run(tmp_path, rendered["folder"], "folder", "debug=overfit", "model=crnn_small", "data.batch_size=4",
+                  "trainer.overfit_batches=2", "trainer.max_epochs=2")
+    assert metrics["steps"] == 4 and metrics["stop_reason"] == "max_epochs"
+
+
 @pytest.mark.slow
 def test_training_on_a_rendered_folder_reaches_low_cer(tmp_path):
     """render_dataset.py -> data=folder -> the default model and schedule: < 5 % CER on the rendered test split."""

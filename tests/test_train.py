@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -93,6 +94,29 @@ def test_one_cycle_stepped_per_epoch_spans_the_epochs(tmp_path, caplog):
 def test_one_cycle_without_a_bound_on_the_run_says_what_to_set(tmp_path):
     with pytest.raises(ValueError, match="set trainer.max_epochs"):
         run(tmp_path, *TINY, "trainer.max_epochs=-1", "trainer.max_time=00:00:00:05")
+
+
+TRAINING_TEXTS: list[set[str]] = []  # per epoch, filled by TrainingTextRecorder
+
+
+class TrainingTextRecorder(pl.Callback):
+    """Records the texts of every training batch, per epoch, in ``TRAINING_TEXTS``."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        TRAINING_TEXTS.append(set())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        TRAINING_TEXTS[-1].update(batch["texts"])
+
+
+@pytest.mark.parametrize("data", ["digits", "text"])
+def test_debug_overfit_trains_on_the_same_lines_every_epoch(data, tmp_path):
+    TRAINING_TEXTS.clear()
+    run(tmp_path, "debug=overfit", f"data={data}", "model=crnn_small", "trainer.overfit_batches=2",
+        "data.batch_size=8", "data.val_size=8", "data.test_size=8", "trainer.max_epochs=3",
+        "+callbacks.recorder._target_=test_train.TrainingTextRecorder")
+    assert len(TRAINING_TEXTS) == 3 and 8 < len(TRAINING_TEXTS[0]) <= 16
+    assert TRAINING_TEXTS[0] == TRAINING_TEXTS[1] == TRAINING_TEXTS[2]
 
 
 def test_cli_fast_dev_run(tmp_path):
