@@ -22,7 +22,7 @@ from losses.targets import repeat_counts
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor | list[str]]
-"""``images`` (B, 1, H, W) float, ``widths`` (B,) int64, ``targets`` (B, S) int64 padded,
+"""``images`` (B, channels, H, W) float, ``widths`` (B,) int64, ``targets`` (B, S) int64 padded,
 ``target_lengths`` (B,) int64, ``texts`` list of B str."""
 
 
@@ -79,7 +79,7 @@ class CRNNModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict_texts(self, images: torch.Tensor, widths: torch.Tensor) -> list[str]:
-        """Text of each image of a padded batch ``images (B, 1, H, W)``, ``widths (B,)``; call ``eval()`` first."""
+        """Text of each image of a padded batch ``images (B, channels, H, W)``, ``widths (B,)``; call ``eval()`` first."""
         return self.decode(*self(images, widths))
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:

@@ -22,10 +22,16 @@ class FitClock(Callback):
     The clock starts in ``on_train_start`` (after Lightning's sanity check), so the value includes
     training steps, data loading and earlier validation runs: the cost of getting to this checkpoint.
     Nothing is logged during the sanity check or after ``fit`` (e.g. by a later ``trainer.validate``).
+    The time is saved in checkpoints, so a resumed run goes on counting from where it was saved.
     """
 
     def __init__(self) -> None:
         self.start: float | None = None
+        self.offset = 0.0  # seconds before this process's fit (restored from a checkpoint)
+
+    def elapsed(self) -> float:
+        """Fit seconds so far, earlier processes' included."""
+        return self.offset + (time.perf_counter() - self.start if self.start is not None else 0.0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = time.perf_counter()
@@ -33,7 +39,13 @@ class FitClock(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.start is None or trainer.sanity_checking:
             return
-        pl_module.log("time/fit_seconds", time.perf_counter() - self.start)
+        pl_module.log("time/fit_seconds", self.elapsed())
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.offset = float(state_dict["elapsed"])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = None

@@ -36,6 +36,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """``last.ckpt`` of a crnn_small digits model trained for 18 steps."""
     output_dir = tmp_path_factory.mktemp("run")
     overrides = [f"paths.output_dir={output_dir}", "model=crnn_small", "trainer=cpu", "trainer.max_epochs=3",
+                 "trainer.max_time=null",
                  "data.train_size=96", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
                  "callbacks.progress_bar.refresh_rate=0"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -53,7 +53,9 @@ def test_fast_dev_run_bf16_mixed(tmp_path):
     run(tmp_path, "debug=fast_dev_run", "model=crnn_small", "trainer=cpu", "trainer.precision=bf16-mixed")
 
 
-TINY = ["model=crnn_small", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16"]
+# exact epoch/step counts: no wall-clock guard (a later trainer.max_time=... override wins)
+TINY = ["model=crnn_small", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
+        "trainer.max_time=null"]
 
 
 def test_short_run_saves_a_checkpoint_that_rebuilds_the_model(tmp_path):
