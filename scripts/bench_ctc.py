@@ -114,7 +114,7 @@ def run(device, args):
         )
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--frames", type=int, default=128)
@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--target-length", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     print(f"torch {torch.__version__}")
     for name in devices:
