@@ -11,6 +11,7 @@ import editdistance
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -215,6 +216,23 @@ def test_plot_alignment_shows_the_blank_and_the_strongest_classes_of_large_chars
     rows = plot_alignment.shown_classes(probs, gamma, blank=0)
     assert len(rows) == plot_alignment.MAX_ROWS and rows == sorted(rows) and {0, 7, 39} <= set(rows)
     assert plot_alignment.shown_classes(probs[:, :11], gamma[:, :11], blank=0) == list(range(11))
+
+
+def test_plot_alignment_computes_what_it_draws(checkpoint, image_dir):
+    """γ from either CTC, the -log p from F.ctc_loss, a Viterbi path that spells the text, probabilities per frame."""
+    plot_alignment = script("plot_alignment")
+    module = load_recognizer(checkpoint)
+    image, text = read_image(image_dir / "line2.png", module), "4071"
+    builtin, python = (plot_alignment.align(module, image, text, ctc) for ctc in ("builtin", "python"))
+    np.testing.assert_allclose(python.gamma, builtin.gamma, atol=1e-5)
+    np.testing.assert_allclose(builtin.gamma.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(builtin.probs.sum(1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        log_probs, lengths = module(image[None], torch.tensor([image.shape[-1]]))
+    expected = F.ctc_loss(log_probs.double(), torch.tensor([[5, 1, 8, 2]]), lengths, torch.tensor([4]), reduction="sum")
+    assert builtin.nll == pytest.approx(expected.item(), rel=1e-4) and python.nll == pytest.approx(builtin.nll, rel=1e-4)
+    collapsed = [c for i, c in enumerate(builtin.path) if c != 0 and (i == 0 or c != builtin.path[i - 1])]
+    assert module.charset.decode(collapsed) == text and len(builtin.path) == lengths.item()
 
 
 @pytest.mark.parametrize("ctc", ["builtin", "python"])
