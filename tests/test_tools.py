@@ -153,6 +153,21 @@ def test_evaluate_matches_predict_and_editdistance_on_folder_and_lmdb(checkpoint
     assert [texts[-1]] == [row.split("\t")[2] for row in rows if row.split("\t")[1] == "12a"][:1]
 
 
+def test_evaluate_with_beam_search_scores_the_beam_readings(checkpoint, labelled_dir):
+    module = load_recognizer(checkpoint)
+    lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()]
+    readings = recognize(module, [read_image(labelled_dir / path, module) for path, _ in lines], "beam", beam_width=3)
+    edits = sum(editdistance.eval(text, label) for (text, _), (_, label) in zip(readings, lines))
+    results = script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), "--decoder", "beam",
+                                       "--beam-width", "3", "--device", "cpu"])
+    assert results[str(labelled_dir)]["cer"] == pytest.approx(edits / sum(len(label) for _, label in lines))
+
+
+def test_evaluate_names_a_path_that_is_no_dataset(checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a folder with a gt.txt nor an LMDB"):
+        script("evaluate").main(["--checkpoint", str(checkpoint), str(tmp_path), "--device", "cpu"])
+
+
 def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, labelled_dir, tmp_path, capsys):
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)
