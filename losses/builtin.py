@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses.ctc import check_reduction
+
 
 class CTCLoss(nn.Module):
     """:func:`torch.nn.functional.ctc_loss` (cuDNN / native kernels) behind the common loss interface.
@@ -16,6 +18,7 @@ class CTCLoss(nn.Module):
 
     def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
         super().__init__()
+        check_reduction(reduction)
         self.blank, self.reduction, self.zero_infinity = blank, reduction, zero_infinity
 
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:

@@ -1,19 +1,28 @@
-"""Tests for the data package: charset, synthetic rendering, collation, the DataModule and the timer."""
+"""Tests for the data package: charset, synthetic rendering, collation, the DataModule, the timer and gt.txt."""
+
+import types
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
+import data.timing
 from data import (
+    BadInput,
+    BadInputError,
     Charset,
     DataWaitTimer,
     EpochSampler,
+    FolderDataModule,
     LengthGroupedBatchSampler,
     SyntheticDataModule,
     SyntheticLines,
     collate_lines,
     make_renderer,
+    read_gt,
+    write_gt_folder,
 )
 
 WORDS = ["alpha", "beta", "gamma", "delta", "x"]
@@ -87,6 +96,19 @@ def test_different_seeds_and_indices_differ():
     assert len({a[i]["image"].numpy().tobytes() for i in range(8)}) == 8
 
 
+@pytest.mark.parametrize("kind,words", [("digits", None), ("text", None), ("text", WORDS)])
+def test_text_without_rendering_is_the_rendered_text(kind, words):
+    """``text(i)``, the length-grouping key, is the text of ``dataset[i]``, past ``size`` and after prerendering."""
+    renderer = make_renderer(kind, words=words, max_length=12)
+    ds = SyntheticLines(renderer, Charset(renderer.characters), size=20, seed=4)
+    indices = list(range(60)) + [1000, 12345]
+    texts = [ds[i]["text"] for i in indices]
+    assert len(set(texts)) > 10  # not a constant
+    assert [ds.text(i) for i in indices] == texts
+    ds.prerender()
+    assert [ds.text(i) for i in indices] == texts
+
+
 def test_prerender_matches_on_the_fly():
     ds = _digits(size=4)
     fresh = [ds[i] for i in range(4)]
@@ -143,11 +165,12 @@ def test_collate_mixed_widths():
     assert batch["target_lengths"].tolist() == [2, 1, 3]
     assert batch["targets"].tolist() == [[2, 3, 0], [4, 0, 0], [5, 6, 7]]
     assert batch["texts"] == ["12", "3", "456"]
-    # right padding with each image's own background (median) level
-    assert torch.allclose(batch["images"][0, ..., 5:], torch.tensor(0.9))
-    assert torch.allclose(batch["images"][2, ..., 7:], torch.tensor(0.5))
-    constant = collate_lines([_sample(5, "12", 0.9), _sample(9, "3", 0.2)], pad_value=0.0)
-    assert torch.all(constant["images"][0, ..., 5:] == 0)
+    # each image on the left, right-padded with zeros (``widths`` says where it ends)
+    for b, (width, value) in enumerate([(5, 0.9), (9, 0.2), (7, 0.5)]):
+        assert (batch["images"][b, ..., :width] == value).all() and (batch["images"][b, ..., width:] == 0).all()
+    rgb = collate_lines([{**_sample(3, "1", 0.4), "image": torch.full((3, 8, 3), 0.4)},
+                         {**_sample(6, "2", 0.6), "image": torch.full((3, 8, 6), 0.6)}])
+    assert rgb["images"].shape == (2, 3, 8, 6) and (rgb["images"][0, ..., 3:] == 0).all()
 
 
 def test_epoch_sampler():
@@ -174,6 +197,53 @@ def test_length_grouped_batch_sampler():
     assert [[lengths[i] for i in b] for b in ordered] == [[1, 1, 2, 2], [3, 3, 4, 4], [5, 5]]
 
 
+def test_reshuffled_length_grouped_batches_change_per_epoch_and_cover_every_index():
+    """EpochSampler(fresh=False) under LengthGroupedBatchSampler, as the real-data loaders use it."""
+    lengths = [1 + (7 * i) % 10 for i in range(40)]
+    epochs = EpochSampler(40, seed=3, fresh=False)
+    sampler = LengthGroupedBatchSampler(epochs, batch_size=4, key=lengths.__getitem__, pool_batches=3, seed=3)
+    per_epoch = {}
+    for epoch in (0, 1, 0):
+        epochs.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 10
+        assert sorted(i for b in batches for i in b) == list(range(40))  # each index exactly once
+        for first in range(0, 10, 3):  # a pool's (up to) 3 batches are non-overlapping runs of its sorted lengths
+            spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches[first : first + 3])
+            assert all(high <= low for (_, high), (low, _) in zip(spans, spans[1:]))
+        if epoch in per_epoch:
+            assert batches == per_epoch[epoch]  # reproducible per (seed, epoch)
+        per_epoch[epoch] = batches
+    assert per_epoch[0] != per_epoch[1]
+    assert {tuple(b) for b in per_epoch[0]} != {tuple(b) for b in per_epoch[1]}  # new batches, not just reordered
+
+
+def test_synthetic_splits_are_disjoint_streams():
+    """Val and test lines never appear in training (any epoch, fresh or reshuffled), for several base seeds."""
+    stream_seeds = set()
+    for seed in (0, 1, 2):
+        for fresh in (True, False):
+            dm = SyntheticDataModule(train_size=12, val_size=12, test_size=12, batch_size=4, num_workers=0,
+                                     max_length=4, seed=seed, fresh_train=fresh)
+            dm.setup(None)
+            datasets = dm.datasets
+            images = {}
+            for split in ("val", "test"):
+                images[split] = {datasets[split][i]["image"].numpy().tobytes() for i in range(12)}
+            train_loader = dm.train_dataloader()
+            train_images = set()
+            for epoch in (0, 1, 2):
+                train_loader.batch_sampler.sampler.set_epoch(epoch)
+                for batch in train_loader.batch_sampler:
+                    train_images |= {datasets["train"][i]["image"].numpy().tobytes() for i in batch}
+            assert len(train_images) == (36 if fresh else 12)
+            assert not train_images & images["val"] and not train_images & images["test"]
+            assert not images["val"] & images["test"]
+        stream_seeds |= {(split, dm.datasets[split].seed) for split in ("train", "val", "test")}
+    # no two (base seed, split) pairs share a stream
+    assert len({stream for _, stream in stream_seeds}) == len(stream_seeds) == 9
+
+
 def test_datamodule_batches_and_disjoint_splits():
     dm = SyntheticDataModule(train_size=10, val_size=6, test_size=6, batch_size=4, num_workers=0, max_length=5, blank=10)
     assert dm.charset.num_classes == 11 and dm.charset.blank == 10  # known before setup
@@ -197,37 +267,166 @@ def test_datamodule_batches_and_disjoint_splits():
     assert epoch1 != {t for b in batches for t in b["texts"]}  # fresh samples every epoch
 
 
-class _TinyCTC(pl.LightningModule):
-    def __init__(self, num_classes):
+# --- data-wait timer ---------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Stands in for ``time.perf_counter`` in ``data.timing``: time only moves when a test says so."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock(100.0)
+    monkeypatch.setattr(data.timing, "time", types.SimpleNamespace(perf_counter=fake))
+    return fake
+
+
+class _LogRecorder:
+    def __init__(self):
+        self.logged = {}
+
+    def log(self, name, value):
+        self.logged[name] = value
+
+
+def test_data_wait_timer_exact_times_with_a_fake_clock(clock):
+    """wait: epoch start / batch end -> batch start; step: batch start -> end; a validation run counts as neither."""
+    timer = DataWaitTimer()
+    assert (timer.wait_s, timer.step_s, timer.share) == (0.0, 0.0, 0.0)
+    clock.now = 110.0  # time before the epoch starts is not counted
+    timer.on_train_epoch_start(None, None)
+    for wait, step in [(2.0, 3.0), (1.0, 4.0)]:
+        clock.now += wait
+        timer.on_train_batch_start(None, None, None, 0)
+        clock.now += step
+        timer.on_train_batch_end(None, None, None, None, 0)
+    clock.now += 50.0  # a mid-epoch validation run (and the gap before it)
+    timer.on_validation_end(None, None)
+    clock.now += 1.0
+    timer.on_train_batch_start(None, None, None, 2)
+    clock.now += 2.0
+    timer.on_train_batch_end(None, None, None, None, 2)
+    assert (timer.wait_s, timer.step_s) == (4.0, 9.0)
+    assert timer.share == pytest.approx(4 / 13)
+    module = _LogRecorder()
+    timer.on_train_epoch_end(None, module)
+    assert module.logged == {"perf/data_wait_share": pytest.approx(4 / 13)}
+    clock.now += 7.0  # the next epoch starts from zero
+    timer.on_train_epoch_start(None, None)
+    assert (timer.wait_s, timer.step_s, timer.share) == (0.0, 0.0, 0.0)
+    clock.now += 5.0
+    timer.on_train_batch_start(None, None, None, 0)
+    assert (timer.wait_s, timer.step_s, timer.share) == (5.0, 0.0, 1.0)
+
+
+class _ClockedLines(torch.utils.data.Dataset):
+    """Four samples; fetching one takes 2 s of the fake clock."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        self.clock.now += 2.0
+        return torch.ones(3)
+
+
+class _ClockedModule(pl.LightningModule):
+    """A training step takes 1 s of the fake clock, a validation step 100 s."""
+
+    def __init__(self, clock):
         super().__init__()
-        self.conv = torch.nn.Conv2d(1, num_classes, 3, padding=1)
+        self.clock = clock
+        self.weight = torch.nn.Parameter(torch.zeros(3))
 
     def training_step(self, batch, batch_idx):
-        log_probs = self.conv(batch["images"]).mean(2).permute(2, 0, 1).log_softmax(-1)  # (T=W, B, C)
-        return torch.nn.functional.ctc_loss(log_probs, batch["targets"], batch["widths"], batch["target_lengths"])
+        self.clock.now += 1.0
+        return (self.weight * batch).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.clock.now += 100.0
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_ClockedLines(self.clock), batch_size=1)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(_ClockedLines(self.clock), batch_size=2)
 
 
-def test_data_wait_timer_in_trainer():
-    dm = SyntheticDataModule(train_size=16, val_size=4, test_size=4, batch_size=8, num_workers=0, max_length=4)
+def test_data_wait_timer_in_trainer(clock):
+    """In a real fit (2 epochs of 4 batches, validation after batch 2 and 4): the last epoch's totals are its 4
+    fetches (2 s each, the first included) and 4 steps (1 s each); the 2 x 100 s validation runs are excluded."""
     timer = DataWaitTimer()
     trainer = pl.Trainer(
-        max_epochs=1, callbacks=[timer], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_epochs=2, callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, val_check_interval=2, num_sanity_val_steps=0,
     )
-    trainer.fit(_TinyCTC(dm.charset.num_classes), dm)
-    assert timer.step_s > 0 and timer.wait_s > 0
-    assert trainer.callback_metrics["perf/data_wait_share"].item() == pytest.approx(timer.share)
+    trainer.fit(_ClockedModule(clock))
+    assert (timer.wait_s, timer.step_s) == (8.0, 4.0)
+    assert timer.share == pytest.approx(2 / 3)
+    assert trainer.callback_metrics["perf/data_wait_share"].item() == pytest.approx(2 / 3)
 
 
-def test_data_wait_timer_share():
-    timer = DataWaitTimer()
-    timer.wait_s, timer.step_s = 1.0, 3.0
-    assert timer.share == pytest.approx(0.25)
-    timer.on_train_epoch_start(None, None)
-    assert timer.share == 0.0
-    timer.on_train_batch_start(None, None, None, 0)
-    timer.on_train_batch_end(None, None, None, None, 0)
-    assert timer.wait_s >= 0 and timer.step_s >= 0 and 0.0 <= timer.share <= 1.0
+# --- gt.txt folders ----------------------------------------------------------------------------------
+
+
+def _image(width=12, height=8):
+    return Image.new("L", (width, height), 200)
+
+
+def test_read_gt_bom_blank_lines_crlf_and_bad_utf8(tmp_path):
+    content = b"\xef\xbb\xbfimages/a.png\t12\n\nimages/b.png\t3 4\r\n\n\xff\xfe.png\tbad\nimages/c.png\t\n"
+    (tmp_path / "gt.txt").write_bytes(content)
+    bad = BadInput({"malformed": "skip"})
+    records = read_gt(tmp_path, bad)
+    gt = tmp_path / "gt.txt"
+    assert [(r.where, r.label, r.key) for r in records] == [
+        (f"{gt}:1", "12", str(tmp_path / "images/a.png")),  # no BOM left in the first path
+        (f"{gt}:3", "3 4", str(tmp_path / "images/b.png")),  # CRLF: no trailing \r in the label
+        (f"{gt}:6", "", str(tmp_path / "images/c.png")),  # empty labels are the DataModule's business
+    ]
+    assert len(bad.skipped["malformed"]) == 1 and bad.skipped["malformed"][0].startswith(f"{gt}:5: not UTF-8")
+    assert bad.num_skipped == 1  # the blank lines 2 and 4 are not reported
+    with pytest.raises(BadInputError, match=f"{gt}:5: not UTF-8.*malformed"):
+        read_gt(tmp_path)
+
+
+@pytest.mark.parametrize("label", ["a\tb", "a\nb", "a\rb"])
+def test_write_gt_folder_rejects_tabs_and_line_breaks(tmp_path, label):
+    with pytest.raises(ValueError, match="tab or line break"):
+        write_gt_folder([(_image(), "12"), (_image(), label)], tmp_path)
+
+
+def test_write_gt_folder_round_trips_through_read_gt(tmp_path):
+    labels = ["12", "3 4", "5"]
+    assert write_gt_folder([(_image(10 + i), label) for i, label in enumerate(labels)], tmp_path) == 3
+    records = read_gt(tmp_path)
+    assert [r.label for r in records] == labels
+    assert [Image.open(r.key).size for r in records] == [(10, 8), (11, 8), (12, 8)]
+
+
+@pytest.mark.parametrize("val_gt", ["unknown", "blank"])
+def test_split_without_usable_samples_raises(tmp_path, val_gt):
+    """Every val sample skipped (unknown characters, skipped by default) or none at all: a clear error."""
+    for split, label in [("train", "12"), ("val", "ab"), ("test", "3")]:
+        write_gt_folder([(_image(), label)], tmp_path / split)
+    if val_gt == "blank":
+        (tmp_path / "val" / "gt.txt").write_text("\n\n", encoding="utf-8")
+    dm = FolderDataModule(tmp_path / "train", tmp_path / "val", tmp_path / "test", charset="0123456789")
+    dm.setup("test")  # test is fine
+    with pytest.raises(BadInputError, match="no usable samples") as error:
+        dm.setup("fit")
+    assert str(tmp_path / "val") in str(error.value)
+    if val_gt == "unknown":
+        assert "unknown_char 1" in str(error.value)

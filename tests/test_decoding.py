@@ -5,8 +5,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from crnn.decoders import BeamSearchDecoder
 from crnn.decoding import beam_search, greedy_decode
+from crnn.module import CRNNModule
 from host_sync import value_reads
 
 
@@ -146,12 +149,38 @@ def test_lines_decode_alike_alone_and_in_a_padded_batch():
     assert batched[2] == [] and batched_scores[2].item() == 0.0
 
 
-def test_ties_break_deterministically_towards_lower_class():
-    uniform = torch.full((2, 1, 3), 1 / 3).log()  # "a" and "b" both have probability 3/9
-    labellings, scores = beam_search(uniform, torch.tensor([2]), beam_width=2)
-    assert labellings == [[1]]
-    assert scores.exp().item() == pytest.approx(3 / 9)
-    assert beam_search(uniform, torch.tensor([2]), beam_width=2)[0] == labellings
+@pytest.mark.parametrize("blank", [0, 1, 2])
+@pytest.mark.parametrize("beam_width", [2, 3, 9])
+def test_ties_break_towards_the_lower_class(blank, beam_width):
+    """Uniform T = 2, C = 3: both one-label labellings have 3/9 (paths cc, c_, _c), the best there is; the
+    documented rule (lower (slot, class) index first) picks the lower of the two non-blank classes."""
+    uniform = torch.full((2, 2, 3), 1 / 3, dtype=torch.float64).log()
+    labellings, scores = beam_search(uniform, torch.tensor([2, 2]), beam_width=beam_width, blank=blank)
+    winner = min(c for c in range(3) if c != blank)
+    assert labellings == [[winner], [winner]]
+    if beam_width >= 3:  # all three one-frame prefixes kept: no path pruned, the score is exact
+        torch.testing.assert_close(scores.exp(), torch.full((2,), 3 / 9, dtype=torch.float64))
+    # swapping the two labels' log-probs changes nothing: the choice is by class index, not by input order
+    other = max(c for c in range(3) if c != blank)
+    swapped = uniform.clone()
+    swapped[..., [winner, other]] = uniform[..., [other, winner]]
+    assert beam_search(swapped, torch.tensor([2, 2]), beam_width=beam_width, blank=blank)[0] == [[winner], [winner]]
+
+
+@pytest.mark.parametrize("blank", [0, 1, 2])
+def test_pruning_ties_keep_the_lowest_class(blank):
+    """One uniform frame, beam width 1: the three candidates (blank = empty prefix, class 0, ...) all have 1/3;
+    the one kept is the lowest class index, i.e. the empty labelling exactly when the blank is class 0."""
+    uniform = torch.full((1, 1, 3), 1 / 3).log()
+    labellings, scores = beam_search(uniform, torch.tensor([1]), beam_width=1, blank=blank)
+    assert labellings == [[] if blank == 0 else [0]]
+    assert scores.exp().item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("beam_width", [0, -1])
+def test_beam_width_below_one_is_rejected(beam_width):
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(random_log_probs((3, 1, 4), seed=0), torch.tensor([3]), beam_width=beam_width)
 
 
 def test_survives_huge_negative_log_probs_and_half_precision():
@@ -186,6 +215,26 @@ def test_no_host_sync_per_time_step(decode):
         decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+# ---------------------------------------------------------------- through the LightningModule
+
+
+@pytest.mark.parametrize("decoder", [None, BeamSearchDecoder(beam_width=4)], ids=["default", "beam"])
+def test_module_with_blank_last_decodes_and_computes_its_loss_with_that_blank(decoder):
+    """Digits with blank 10: ids 0..9 are the characters '0'..'9', class 10 is dropped."""
+    model = {"_target_": "crnn.model.CRNN", "channels": [4, 4, 4, 4, 4], "rnn_hidden": 8, "dropout": 0.0}
+    module = CRNNModule(charset="0123456789", model=model, blank=10, decoder=decoder)
+    assert module.charset.blank == module.loss.blank == 10
+    blank_everywhere = peaky([10] * 6, num_classes=11).expand(6, 2, 11)
+    assert module.decode(blank_everywhere, torch.tensor([6, 2])) == ["", ""]
+    log_probs = torch.cat([peaky([0, 10, 0, 9, 9, 10], 11), peaky([1, 10, 10, 10, 10, 10], 11)], dim=1)
+    assert module.decode(log_probs, torch.tensor([6, 4])) == ["009", "1"]
+    # the default loss is CTC with that blank (and zero_infinity): targets may use class 0
+    targets, lengths = torch.tensor([[0, 0, 9], [1, 0, 0]]), torch.tensor([6, 4])
+    batch = {"targets": targets, "target_lengths": torch.tensor([3, 1])}
+    expected = F.ctc_loss(log_probs, targets, lengths, batch["target_lengths"], blank=10, zero_infinity=True)
+    torch.testing.assert_close(module.compute_loss(log_probs, lengths, batch), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

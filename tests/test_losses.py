@@ -1,7 +1,7 @@
 """CTC loss variants (focal, re-weighted, smoothed, max-entropy) against independent references.
 
 Expected values never come from the code under test: they are computed here from
-``torch.nn.functional.ctc_loss`` (focal), from the exhaustive enumeration in ``brute_force``
+``torch.nn.functional.ctc_loss`` (built-in CTC, focal), from the exhaustive enumeration in ``brute_force``
 (posteriors, path entropy, negative log-likelihood), or from a differentiable enumeration written
 below on top of ``brute_force.alignments`` (exact gradients of the path entropy).
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import brute_force as bf
 from losses import (
+    CTCLoss,
     FocalCTCLoss,
     MaxEntropyCTCLoss,
     ReweightedCTCLoss,
@@ -230,6 +231,78 @@ def enumerated_nll_entropy(sample: torch.Tensor, labels: list[int], blank: int):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 0. Built-in CTC (losses.CTCLoss, the default loss)
+# ----------------------------------------------------------------------------------------------------
+
+
+def enumerated_nll(batch: Batch, reduction: str) -> torch.Tensor:
+    """Differentiable reduced CTC loss of ``batch`` by exhaustive enumeration (float64)."""
+    terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank)[0] for b, row in enumerate(batch.labels)]
+    return reduce(torch.stack(terms), batch.target_lengths, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_builtin_ctc_value_and_gradient_match_functional_and_brute_force(reduction, blank_last):
+    """Blank 0 or C - 1: float64 values and gradients equal F.ctc_loss's and the exhaustive enumeration's."""
+    batches = [random_batch(200 + 11 * seed + blank_last, blank_last=blank_last, feasible=True, requires_grad=True)
+               for seed in range(3)]
+    batches.append(fixed_batch(requires_grad=True, blank=3 if blank_last else 0))  # C = 4, shorter inputs
+    for batch in batches:
+        got = CTCLoss(blank=batch.blank, reduction=reduction)(*batch.args())
+        assert got.dtype == torch.float64 and got.shape == ((len(batch.labels),) if reduction == "none" else ())
+        got_grad = grad_of(got.sum(), batch.logits)
+        expected = F.ctc_loss(*batch.args(), blank=batch.blank, reduction=reduction)
+        close(got.detach(), expected.detach())
+        close(got_grad, grad_of(expected.sum(), batch.logits))
+        exact = enumerated_nll(batch, reduction)
+        close(got.detach(), exact.detach())
+        close(got_grad, grad_of(exact.sum(), batch.logits))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_builtin_ctc_zero_infinity_zeroes_an_infeasible_sample(reduction):
+    batch = infeasible_batch()  # sample 1 has no alignment
+    assert CTCLoss(reduction="none")(*batch.args())[1] == math.inf
+    got = CTCLoss(reduction=reduction, zero_infinity=True)(*batch.args())
+    got_grad = grad_of(got.sum(), batch.logits)
+    expected = F.ctc_loss(*batch.args(), reduction=reduction, zero_infinity=True)
+    close(got.detach(), expected.detach())
+    close(got_grad, grad_of(expected.sum(), batch.logits))
+    log_probs = batch.log_probs.detach()
+    nll = [0.0 if b == 1 else bf.ctc_nll(batch.sample(b, log_probs), row, 0) for b, row in enumerate(batch.labels)]
+    close(got.detach(), reduce(torch.tensor(nll, dtype=torch.float64), batch.target_lengths, reduction))
+    assert (got_grad[:, 1] == 0).all() and got_grad[:, [0, 2]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_builtin_ctc_half_inputs_give_the_float32_computation(reduction, dtype):
+    """F.ctc_loss has no half kernels on CPU: CTCLoss upcasts, so the result is F.ctc_loss of the rounded input
+    in float32, and the gradient comes back in the input's dtype."""
+    batch = fixed_batch()
+    half = batch.log_probs.to(dtype).requires_grad_()
+    got = CTCLoss(reduction=reduction)(*batch.args(half))
+    assert got.dtype == torch.float32
+    upcast = half.detach().float().requires_grad_()
+    expected = F.ctc_loss(*batch.args(upcast), reduction=reduction)
+    torch.testing.assert_close(got, expected)
+    (grad,) = torch.autograd.grad(got.sum(), half)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, grad_of(expected.sum(), upcast).to(dtype))
+    # and the float64 enumeration of the same rounded input, to float32 accuracy
+    rounded = half.detach().double()
+    nll = [bf.ctc_nll(batch.sample(b, rounded), row, 0) for b, row in enumerate(batch.labels)]
+    expected64 = reduce(torch.tensor(nll, dtype=torch.float64), batch.target_lengths, reduction)
+    torch.testing.assert_close(got.detach().double(), expected64, rtol=1e-5, atol=1e-5)
+
+
+def test_builtin_ctc_defaults():
+    module = CTCLoss()
+    assert (module.blank, module.reduction, module.zero_infinity) == (0, "mean", False)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 1. Focal CTC
 # ----------------------------------------------------------------------------------------------------
 
@@ -298,6 +371,7 @@ def infeasible_batch(requires_grad: bool = True) -> Batch:
 
 
 LOSS_FACTORIES = {
+    "ctc": lambda **kw: CTCLoss(**kw),
     "focal": lambda **kw: FocalCTCLoss(**kw),
     "focal_detached": lambda **kw: FocalCTCLoss(detach_weight=True, **kw),
     "reweighted_balanced": lambda **kw: ReweightedCTCLoss(alpha=0.3, mode="balanced", **kw),
@@ -315,6 +389,9 @@ def make_loss(name: str, **kwargs):
 
 
 LOSS_NAMES = list(LOSS_FACTORIES)
+# F.ctc_loss's own kernels, which CTCLoss calls as they are, return NaN gradients where a log-prob is -inf
+# (-1e30 is fine); every other loss guards against it.
+MINUS_INF_SAFE_LOSS_NAMES = [name for name in LOSS_NAMES if name != "ctc"]
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -682,8 +759,11 @@ def masked_batch(fill: float, requires_grad: bool = True):
     return log_probs, targets, torch.tensor([6, 5, 3]), torch.tensor([3, 2, 1])
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
-@pytest.mark.parametrize("fill", [-math.inf, -1e30])
+@pytest.mark.parametrize(
+    "name,fill",
+    [(name, fill) for fill in (-math.inf, -1e30) for name in LOSS_NAMES
+     if fill != -math.inf or name in MINUS_INF_SAFE_LOSS_NAMES],
+)
 def test_no_nan_with_minus_inf_or_huge_negative_log_probs(name, fill):
     log_probs, targets, input_lengths, target_lengths = masked_batch(fill)
     module = make_loss(name, reduction="none")
@@ -704,7 +784,7 @@ def test_no_nan_with_minus_inf_or_huge_negative_log_probs(name, fill):
         torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", MINUS_INF_SAFE_LOSS_NAMES)
 def test_no_nan_with_minus_inf_on_a_needed_class_at_some_frames(name):
     """-inf on blank at frame 0 and on label 1 at the last frame: still feasible, gradients must stay finite."""
     generator = torch.Generator().manual_seed(12)
@@ -762,7 +842,8 @@ def test_reductions_are_consistent(name, zero_infinity):
         batch = infeasible_batch()
     else:  # mixed target lengths, including an empty target on an empty input (mean divides by max(len, 1))
         base = random_batch(77, feasible=True, max_batch=4)
-        extra = torch.randn(base.logits.shape[0], 1, base.num_classes, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(78)
+        extra = torch.randn(base.logits.shape[0], 1, base.num_classes, generator=generator, dtype=torch.float64)
         batch = Batch(torch.cat([base.logits, extra], 1), base.labels + [[]], base.input_lengths + [0], base.blank)
     kwargs = dict(blank=batch.blank, zero_infinity=zero_infinity)
     none = make_loss(name, reduction="none", **kwargs)(*batch.args())

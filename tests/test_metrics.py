@@ -53,12 +53,25 @@ def test_mismatched_lengths_raise():
         TextMetrics().update(["a"], ["a", "b"])
 
 
-def test_functional_helpers_agree_with_the_metric():
-    preds, targets = ["abd", "", "kitten"], ["abc", "x", "sitting"]
-    values = compute(preds, targets)
-    assert character_error_rate(preds, targets) == pytest.approx(values["cer"])
-    assert sequence_accuracy(preds, targets) == pytest.approx(values["acc"])
-    assert normalized_edit_distance(preds, targets) == pytest.approx(values["ned"])
+def test_kitten_sitting_by_hand():
+    """'kitten' -> 'sitting': k->s, e->i, +g, distance 3; 'sitting' is the 7-character reference."""
+    expected = {"cer": 3 / 7, "acc": 0.0, "ned": 3 / 7}  # NED divides by max(6, 7) = 7
+    assert compute(["kitten"], ["sitting"]) == pytest.approx(expected)
+    assert character_error_rate(["kitten"], ["sitting"]) == pytest.approx(3 / 7)
+    assert sequence_accuracy(["kitten"], ["sitting"]) == 0.0
+    assert normalized_edit_distance(["kitten"], ["sitting"]) == pytest.approx(3 / 7)
+    # the other way round: the reference has 6 characters, the longer string is still 7
+    assert compute(["sitting"], ["kitten"]) == pytest.approx({"cer": 3 / 6, "acc": 0.0, "ned": 3 / 7})
+
+
+def test_functional_helpers_by_hand():
+    preds, targets = ["abd", "", "kitten", "same"], ["abc", "x", "sitting", "same"]
+    # distances 1, 1, 3, 0 over 3 + 1 + 7 + 4 reference characters; one exact line of four
+    assert character_error_rate(preds, targets) == pytest.approx(5 / 15)
+    assert sequence_accuracy(preds, targets) == pytest.approx(1 / 4)
+    assert normalized_edit_distance(preds, targets) == pytest.approx((1 / 3 + 1 / 1 + 3 / 7 + 0) / 4)
+    assert compute(preds, targets) == pytest.approx({"cer": 5 / 15, "acc": 1 / 4, "ned": (1 / 3 + 1 + 3 / 7) / 4})
+    assert (character_error_rate([], []), sequence_accuracy([], []), normalized_edit_distance([], [])) == (0, 0, 0)
 
 
 def test_summed_states_of_split_data_equal_one_metric_over_all_data():
