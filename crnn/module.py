@@ -44,7 +44,8 @@ class CRNNModule(pl.LightningModule):
         decoder: ``decoder(log_probs, lengths, blank) -> list of id lists``; defaults to greedy.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``); needed to train.
         scheduler: optional ``scheduler(optimizer, ...) -> LRScheduler``; if it takes ``total_steps`` and
-            none is given (e.g. ``OneCycleLR``), ``trainer.estimated_stepping_batches`` is passed.
+            none is given (e.g. ``OneCycleLR``), the run's length in scheduler steps is passed
+            (``trainer.estimated_stepping_batches``, or ``trainer.max_epochs`` for a per-epoch schedule).
         scheduler_interval: ``"step"`` or ``"epoch"``: when the scheduler steps.
         num_logged_samples: validation lines whose prediction is logged as text each epoch while fitting
             (the first line of evenly spaced batches).
@@ -79,7 +80,8 @@ class CRNNModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict_texts(self, images: torch.Tensor, widths: torch.Tensor) -> list[str]:
-        """Text of each image of a padded batch ``images (B, channels, H, W)``, ``widths (B,)``; call ``eval()`` first."""
+        """Text of each image of a padded batch ``images (B, channels, H, W)``, ``widths (B,)``; call ``eval()``
+        first."""
         return self.decode(*self(images, widths))
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -158,7 +160,8 @@ class CRNNModule(pl.LightningModule):
         given = getattr(self.scheduler_factory, "keywords", {})
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters and "total_steps" not in given:
             kwargs["total_steps"] = self._schedule_length()
-        scheduler = {"scheduler": self.scheduler_factory(optimizer, **kwargs), "interval": self.hparams.scheduler_interval}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer, **kwargs),
+                     "interval": self.hparams.scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def _schedule_length(self) -> int:

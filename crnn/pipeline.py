@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 
 from crnn.module import CRNNModule
 
@@ -66,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
     ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
     ``steps`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path, "" if none), plus any
-    other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a warning.
+    other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a warning. With
+    ``trainer.overfit_batches=N`` the datamodule serves the same ``N`` batches' lines every epoch.
     """
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from crnn.inference import add_recognition_arguments, load_recognizer, recognize, resolve_device  # noqa: E402
 from crnn.metrics import TextMetrics  # noqa: E402
 from crnn.module import CRNNModule  # noqa: E402
-from data import BadInput, FolderLines, LabelledLines, LmdbLines, image_to_tensor, read_gt, read_lmdb_labels  # noqa: E402
+from data import (  # noqa: E402
+    BadInput, FolderLines, LabelledLines, LmdbLines, image_to_tensor, read_gt, read_lmdb_labels,
+)
 from data.folder import GT_FILE  # noqa: E402
 
 DATA_KINDS = ("missing_image", "unreadable_image", "malformed", "empty_label")
@@ -77,7 +79,8 @@ def read_images(dataset: LabelledLines, indices: range, bad: BadInput) -> list[t
         except FileNotFoundError as err:
             bad.report("missing_image", record.where, f"image {record.key!r} not found ({err})")
         except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
-            bad.report("unreadable_image", record.where, f"cannot read image {record.key!r}: {type(err).__name__}: {err}")
+            bad.report("unreadable_image", record.where,
+                       f"cannot read image {record.key!r}: {type(err).__name__}: {err}")
     return images
 
 
