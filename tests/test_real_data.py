@@ -50,6 +50,30 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
     return {"folder": folders, "lmdb": lmdbs}
 
 
+def test_render_dataset_options_reach_the_lines(tmp_path):
+    """--kind text with --charset, lengths and --height; --words: words from a word-list file, joined by spaces
+    and cut to the drawn length."""
+    folder = render(tmp_path / "text", 12, 4, "--kind", "text", "--charset", "abc", "--min-length", "2",
+                    "--max-length", "4", "--height", "24")
+    lines = [line.split("\t") for line in (folder / "gt.txt").read_text().splitlines()]
+    assert len(lines) == 12 and all(set(label) <= set("abc") and 2 <= len(label) <= 4 for _, label in lines)
+    assert {Image.open(folder / path).size[1] for path, _ in lines} == {24}
+    (tmp_path / "words.txt").write_text("ink\nquill\n")
+    folder = render(tmp_path / "words", 8, 4, "--kind", "text", "--words", str(tmp_path / "words.txt"))
+    labels = [line.split("\t")[1] for line in (folder / "gt.txt").read_text().splitlines()]
+    for label in labels:
+        *whole, last = label.split(" ")
+        assert set(whole) <= {"ink", "quill"} and any(word.startswith(last) for word in ("ink", "quill")), label
+
+
+def test_make_lmdb_names_a_missing_image(rendered, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "gt.txt").write_text("images/none.png\t12\n")
+    with pytest.raises(BadInputError, match=r"gt\.txt:1: image .*none\.png.* not found"):
+        script("make_lmdb").main([str(broken), str(tmp_path / "out")])
+
+
 def folder_module(dirs, **kwargs) -> FolderDataModule:
     return FolderDataModule(dirs["train"], dirs["val"], dirs["test"], output_length=FRAMES, **kwargs)
 
