@@ -198,6 +198,24 @@ def test_sweep_report(tmp_path, capsys):
     assert printed.strip() in report
 
 
+def test_sweep_report_options(tmp_path, capsys):
+    """--threshold moves 'steps to reach'; --out writes elsewhere; --no-per-char drops the table; --group-by."""
+    sweep, out = tmp_path / "sweep", tmp_path / "out"
+    skewed_ok = [("aaab", "aaab")] * 4
+    _fake_run(sweep / "0", "ctc", 1, 0.10, [(10, 0.5, 5.0), (20, 0.25, 9.0), (30, 0.02, 13.0)], skewed_ok)
+    _fake_run(sweep / "1", "ctc", 2, 0.20, [(10, 0.2, 5.0), (20, 0.1, 9.0), (30, 0.03, 14.0)], skewed_ok)
+    sweep_report.main([str(sweep), "--out", str(out), "--threshold", "0.3", "--no-per-char"])
+    printed = capsys.readouterr().out
+    header = [c.strip() for c in printed.splitlines()[0].strip("|").split("|")]
+    row = dict(zip(header, [c.strip() for c in printed.splitlines()[2].strip("|").split("|")]))
+    assert row["steps to val CER ≤ 30%"] == "15 ± 7"  # 20 and 10 steps
+    assert (out / "report.md").exists() and (out / "val_cer.png").exists() and not (sweep / "report.md").exists()
+    assert "Per-character" not in (out / "report.md").read_text()
+    sweep_report.main([str(sweep), "--out", str(out), "--group-by", "seed"])
+    rows = [line for line in capsys.readouterr().out.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == 2  # one variant per seed, one run each
+
+
 TINY_RUN = ["model=crnn_small", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16"]
 
 
