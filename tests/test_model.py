@@ -60,6 +60,23 @@ def test_rejects_pools_that_leave_height():
         CRNN(num_classes=5, channels=(8, 8), pools=((2, 2), (2, 2)))
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"channels": (8, 8), "pools": ((2, 2),)}, "one entry per block"),
+    ({"norm": "layer"}, "norm must be one of"),
+    ({"rnn": "transformer"}, "rnn one of"),
+])
+def test_rejects_bad_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CRNN(num_classes=5, **kwargs)
+
+
+def test_rejects_images_of_another_height_and_ceil_mode_pooling():
+    with pytest.raises(ValueError, match="must be 32 px high"):
+        CRNN(num_classes=5)(torch.zeros(1, 1, 24, 40), torch.tensor([40]))
+    with pytest.raises(ValueError, match="ceil_mode"):
+        layer_output_width(nn.MaxPool2d(2, ceil_mode=True), torch.tensor([5]))
+
+
 def test_backward_direction_ignores_padding():
     """With packing, what lies right of an image's width cannot change its outputs (even in train mode's RNN)."""
     torch.manual_seed(0)
