@@ -26,6 +26,35 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
     return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
 
 
+_SHARED: dict[str, tuple[int, lmdb.Environment]] = {}  # realpath -> (pid that opened it, environment)
+
+
+def shared_lmdb(path: str | os.PathLike) -> lmdb.Environment:
+    """This process's read-only environment for ``path``, opened on first use and then shared.
+
+    py-lmdb refuses to open one path twice in a process, so every reader of a dataset (label reading, the
+    datasets of several runs in one process, e.g. an in-process sweep) shares one environment. One inherited
+    from the parent by a forked process (a DataLoader worker) is closed there and reopened: closing a
+    read-only, lock-free environment only releases the child's own mapping and file descriptor.
+    """
+    key, pid = os.path.realpath(path), os.getpid()
+    opened = _SHARED.get(key)
+    if opened is not None and opened[0] == pid:
+        return opened[1]
+    if opened is not None:
+        opened[1].close()
+    env = open_lmdb(path)
+    _SHARED[key] = (pid, env)
+    return env
+
+
+def close_lmdb(path: str | os.PathLike) -> None:
+    """Close this process's shared environment for ``path``, if open (the next reader reopens it)."""
+    opened = _SHARED.pop(os.path.realpath(path), None)
+    if opened is not None and opened[0] == os.getpid():
+        opened[1].close()
+
+
 def read_lmdb_labels(path: str | os.PathLike, bad: BadInput | None = None) -> list[Record]:
     """The records of an LMDB dataset: ``where`` is ``PATH:label-%09d``, ``key`` the 1-based index.
 
@@ -34,7 +63,7 @@ def read_lmdb_labels(path: str | os.PathLike, bad: BadInput | None = None) -> li
     """
     bad = bad if bad is not None else BadInput()
     records = []
-    with open_lmdb(path) as env, env.begin() as txn:
+    with shared_lmdb(path).begin() as txn:
         count = txn.get(b"num-samples")
         if count is None or not count.strip().isdigit():
             raise BadInputError(f"{path}: 'num-samples' is missing or not a number ({count!r})")
@@ -70,41 +99,28 @@ def write_lmdb(samples: Iterable[tuple[bytes, str]], output: str | os.PathLike, 
 class LmdbLines(LabelledLines):
     """:class:`LabelledLines` whose keys are 1-based indices into the LMDB dataset at ``path``.
 
-    The environment is opened lazily in each process that reads (DataLoader workers included) and is
-    never pickled. A forked worker closes the copy it inherited before opening its own: py-lmdb refuses
-    to open an environment twice in one process, and closing a read-only, lock-free environment only
-    releases the child's own mapping and file descriptor.
+    Images are read through this process's shared environment (:func:`shared_lmdb`), opened lazily in each
+    process that reads, DataLoader workers included; nothing of it is pickled.
     """
 
     def __init__(self, path: str, records: list[Record], charset: Charset, height: int = 32, channels: int = 1) -> None:
         super().__init__(records, charset, height, channels)
         self.path = path
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_env": None, "_pid": None}
 
     def close(self) -> None:
-        """Close this process's environment (it is reopened on the next read)."""
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = self._pid = None
+        """Close this process's environment for the dataset (it is reopened on the next read)."""
+        close_lmdb(self.path)
 
     def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None) -> LmdbLines:
-        """:meth:`LabelledLines.screen`, then close the environment, so the main process holds none
-        (readers, forked DataLoader workers included, open their own)."""
+        """:meth:`LabelledLines.screen`, then close the environment, so that forked DataLoader workers
+        inherit none."""
         try:
             return super().screen(bad, output_length)
         finally:
             self.close()
 
     def open_image(self, key: int) -> Image.Image:
-        if self._pid != os.getpid():
-            if self._env is not None:
-                self._env.close()
-            self._env, self._pid = open_lmdb(self.path), os.getpid()
-        with self._env.begin() as txn:
+        with shared_lmdb(self.path).begin() as txn:
             data = txn.get(f"image-{key:09d}".encode())
         if data is None:
             raise FileNotFoundError(f"no key image-{key:09d} in {self.path}")

@@ -124,6 +124,18 @@ def test_lmdb_is_opened_lazily_in_each_worker(rendered):
     assert sorted(texts) == sorted(r.label for r in dm.dataset("test").records)
 
 
+def test_several_readers_of_one_lmdb_in_one_process(rendered):
+    """py-lmdb refuses a second environment for one path in a process: readers share one (e.g. the runs of
+    an in-process sweep, or evaluate.py after training)."""
+    dirs = [str(rendered["lmdb"][s]) for s in ("train", "val", "test")]
+    first = LmdbDataModule(*dirs)
+    first.setup("test")
+    text = first.dataset("test")[0]["text"]  # leaves the test split's environment open
+    second = LmdbDataModule(*dirs)
+    second.setup("test")
+    assert second.dataset("test")[0]["text"] == text == first.dataset("test")[0]["text"]
+
+
 def test_charset_inferred_from_training_labels_and_logged(tmp_path, caplog):
     for split, label in [("train", "b a"), ("val", "ab"), ("test", "a")]:
         write_folder(tmp_path / split, [(label, "png")])
