@@ -202,7 +202,8 @@ class LabelledDataModule(pl.LightningDataModule):
 
     def overfit(self, num_batches: int) -> None:
         """Train on the first ``num_batches`` batches' worth of samples only (``trainer.overfit_batches``)."""
-        self.sizes["train"] = min(self.sizes["train"] or num_batches * self.batch_size, num_batches * self.batch_size)
+        lines = num_batches * self.batch_size
+        self.sizes["train"] = lines if self.sizes["train"] is None else min(self.sizes["train"], lines)
         self.datasets.pop("train", None)
 
     def read_records(self, directory: str, bad: BadInput) -> list[Record]:
