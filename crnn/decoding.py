@@ -1,41 +1,92 @@
 """CTC decoding of time-major log-probs ``(T, B, C)``: best path (greedy) and batched prefix beam search.
 
-Both decoders return label ids (blank removed, repeats collapsed) as Python lists; mapping ids to
-text is the charset's job. Everything runs in tensors on the log-probs' device; the beam search
-loops over time only, extending every prefix of every line by every class at once.
+Every decoder returns a :class:`Decoded`: per line the label ids (blank removed, repeats collapsed) as a Python
+list, and a log-score. Mapping ids to text is the charset's job. Everything runs in tensors on the log-probs'
+device; the beam search loops over time only, extending every prefix of every line by every class at once.
+
+The functions (:func:`greedy_decode`, :func:`beam_search`) are what the decoder objects the configs build
+(:class:`GreedyDecoder`, :class:`BeamSearchDecoder`, ``conf/decoder/*.yaml``) call; any object with the
+:class:`Decoder` call signature can stand in for them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["beam_search", "greedy_decode"]
+__all__ = ["BeamSearchDecoder", "Decoded", "Decoder", "GreedyDecoder", "beam_search", "greedy_decode"]
 
 _HASH_MOD = 2**31 - 1  # Mersenne prime: also the 31-bit mask of the low half of a packed key
 _HASH_BASES = (911_382_323, 972_663_749)
 
 
-def greedy_decode(log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> list[list[int]]:
+class Decoded(NamedTuple):
+    """What a decoder returns for ``B`` lines.
+
+    ``labels``: ``B`` lists of label ids. ``scores``: ``(B,)`` float log-score of each line's labelling, on the
+    log-probs' device: the decoder's own measure of it (see each decoder), higher is better.
+    """
+
+    labels: list[list[int]]
+    scores: Tensor
+
+
+class Decoder(Protocol):
+    """``decoder(log_probs (T, B, C), input_lengths (B,), blank) -> Decoded``."""
+
+    def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded: ...
+
+
+class GreedyDecoder:
+    """Best-path decoding (:func:`greedy_decode`); scores are the best path's log-probability."""
+
+    def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
+        return greedy_decode(log_probs, input_lengths, blank=blank)
+
+    def __repr__(self) -> str:
+        return "GreedyDecoder()"
+
+
+class BeamSearchDecoder:
+    """Prefix beam search (:func:`beam_search`) keeping ``beam_width`` prefixes per frame; scores are the
+    labelling's log-probability summed over its alignments."""
+
+    def __init__(self, beam_width: int = 10):
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be positive, got {beam_width}")
+        self.beam_width = beam_width
+
+    def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
+        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank)
+
+    def __repr__(self) -> str:
+        return f"BeamSearchDecoder(beam_width={self.beam_width})"
+
+
+def greedy_decode(log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
     """Best-path decoding: most likely class per frame, repeats collapsed, blanks dropped.
 
     Args:
-        log_probs: ``(T, B, C)`` float log-probabilities (any monotone scores work).
+        log_probs: ``(T, B, C)`` float log-probabilities (any monotone scores give the same labels).
         input_lengths: ``(B,)`` int64 number of valid frames per line; later frames are ignored.
         blank: index of the CTC blank class.
 
     Returns:
-        ``B`` lists of label ids.
+        :class:`Decoded`: ``B`` lists of label ids, and ``(B,)`` the log-probability of the best path,
+        ``sum_t max_c log_probs[t, b, c]`` over the line's valid frames (float32 for half inputs), a lower bound
+        of the labelling's log-probability (which sums over all of its alignments).
     """
     num_frames = log_probs.shape[0]
-    best = log_probs.argmax(-1).T  # (B, T)
-    frames = torch.arange(num_frames, device=best.device)
-    best = best.masked_fill(frames >= input_lengths.to(best.device)[:, None], blank)
+    peak, best = log_probs.max(-1)  # (T, B) each
+    frames = torch.arange(num_frames, device=best.device)[:, None]
+    after_end = frames >= input_lengths.to(best.device)  # (T, B)
+    scores = peak.masked_fill(after_end, 0.0).sum(0, dtype=torch.promote_types(peak.dtype, torch.float32))
+    best = best.masked_fill(after_end, blank).T  # (B, T)
     previous = F.pad(best[:, :-1], (1, 0), value=blank)
-    return _compact(best, (best != blank) & (best != previous))
+    return Decoded(_compact(best, (best != blank) & (best != previous)), scores)
 
 
 class _Beams(NamedTuple):
@@ -53,9 +104,7 @@ class _Beams(NamedTuple):
     parent_key: Tensor  # int64 hash of the labels but the last
 
 
-def beam_search(
-    log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0
-) -> tuple[list[list[int]], Tensor]:
+def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0) -> Decoded:
     """CTC prefix beam search without a language model (Hannun et al., 2014).
 
     Each prefix carries the probability of all paths collapsing to it, split by whether the path
@@ -73,9 +122,9 @@ def beam_search(
         blank: index of the CTC blank class, anywhere in ``[0, C)``.
 
     Returns:
-        ``(labellings, scores)``: the best labelling of each line as a list of label ids, and
-        ``(B,)`` float log-probabilities of those labellings summed over all their paths (exact
-        whenever no path of the labelling was pruned, e.g. for a beam as wide as all prefixes).
+        :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
+        log-probabilities of those labellings summed over all their paths (exact whenever no path of the
+        labelling was pruned, e.g. for a beam as wide as all prefixes).
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be positive, got {beam_width}")
@@ -92,7 +141,7 @@ def beam_search(
     best = totals.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
     scores = totals.gather(1, best[:, None])[:, 0]
     path = _backtrack(history, best, blank)
-    return _compact(path, path != blank), scores
+    return Decoded(_compact(path, path != blank), scores)
 
 
 def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Tensor:

@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -13,13 +14,19 @@ from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from crnn.decoders import GreedyDecoder
+from crnn.decoding import Decoder, GreedyDecoder
 from crnn.metrics import TextMetrics
 from data.charset import Charset
-from losses import CTCLoss
-from losses.targets import repeat_counts
+from losses import CTCLoss, required_frames
 
 log = logging.getLogger(__name__)
+
+class InputFormat(NamedTuple):
+    """Image channels (1 grey, 3 RGB) and height in px that a recogniser takes."""
+
+    channels: int
+    height: int
+
 
 Batch = Mapping[str, torch.Tensor | list[str]]
 """``images`` (B, channels, H, W) float, ``widths`` (B,) int64, ``targets`` (B, S) int64 padded,
@@ -41,7 +48,8 @@ class CRNNModule(pl.LightningModule):
         height: input image height in pixels.
         loss: module with :func:`torch.nn.functional.ctc_loss`'s forward signature; defaults to
             :class:`losses.CTCLoss` with ``zero_infinity=True``.
-        decoder: ``decoder(log_probs, lengths, blank) -> list of id lists``; defaults to greedy.
+        decoder: a :class:`crnn.decoding.Decoder` (``decoder(log_probs, lengths, blank) -> Decoded``);
+            defaults to :class:`crnn.decoding.GreedyDecoder`.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``); needed to train.
         scheduler: optional ``scheduler(optimizer, ...) -> LRScheduler``; if it takes ``total_steps`` and
             none is given (e.g. ``OneCycleLR``), the run's length in scheduler steps is passed
@@ -58,7 +66,7 @@ class CRNNModule(pl.LightningModule):
         blank: int = 0,
         height: int = 32,
         loss: nn.Module | None = None,
-        decoder: Callable[..., list[list[int]]] | None = None,
+        decoder: Decoder | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         scheduler_interval: str = "step",
@@ -74,6 +82,12 @@ class CRNNModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({"val": TextMetrics(), "test": TextMetrics()})
         self._samples: list[tuple[str, str]] = []
 
+    @property
+    def input_format(self) -> InputFormat:
+        """The images the network takes: ``(channels, height)``, from the hyper-parameters (so also of a module
+        rebuilt from a checkpoint). Networks without an ``in_channels`` argument take grey images."""
+        return InputFormat(self.hparams.model.get("in_channels", 1), self.hparams.height)
+
     def forward(self, images: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_probs (T, B, C), lengths (B,) int64)`` of the network."""
         return self.model(images, widths)
@@ -86,7 +100,7 @@ class CRNNModule(pl.LightningModule):
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         """Text of each line of ``log_probs (T, B, C)`` with ``lengths (B,)`` valid frames, by ``self.decoder``."""
-        return [self.charset.decode(ids) for ids in self.decoder(log_probs, lengths, self.charset.blank)]
+        return [self.charset.decode(ids) for ids in self.decoder(log_probs, lengths, self.charset.blank).labels]
 
     def compute_loss(self, log_probs: torch.Tensor, lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The loss in float32 with autocast off, whatever the trainer's precision."""
@@ -96,7 +110,7 @@ class CRNNModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         log_probs, lengths = self(batch["images"], batch["widths"])
         loss = self.compute_loss(log_probs, lengths, batch)
-        needed = batch["target_lengths"] + repeat_counts(batch["targets"], batch["target_lengths"])
+        needed = required_frames(batch["targets"], batch["target_lengths"])
         batch_size = len(batch["texts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/infeasible", (lengths < needed).sum().float(), on_step=False, on_epoch=True,
@@ -107,7 +121,7 @@ class CRNNModule(pl.LightningModule):
         self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list[str]]:
-        """Returns ``{"preds": texts}`` for callbacks (e.g. :class:`crnn.sweep_callbacks.PredictionWriter`)."""
+        """Returns ``{"preds": texts}`` for callbacks (e.g. :class:`crnn.callbacks.PredictionWriter`)."""
         return {"preds": self._evaluate(batch, batch_idx, "test")}
 
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:

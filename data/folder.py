@@ -68,6 +68,12 @@ def write_gt_folder(samples: Iterable[tuple[Image.Image, str]], output: str | os
 class FolderLines(LabelledLines):
     """:class:`LabelledLines` whose keys are image file paths."""
 
+    marker = GT_FILE
+
+    @classmethod
+    def read_records(cls, path: str | os.PathLike, bad: BadInput) -> list[Record]:
+        return read_gt(path, bad)
+
     def open_image(self, key: str) -> Image.Image:
         return Image.open(key)
 
@@ -75,8 +81,4 @@ class FolderLines(LabelledLines):
 class FolderDataModule(LabelledDataModule):
     """Train/val/test ``gt.txt`` folders (``train_dir`` etc.); all arguments as :class:`LabelledDataModule`."""
 
-    def read_records(self, directory: str, bad: BadInput) -> list[Record]:
-        return read_gt(directory, bad)
-
-    def make_dataset(self, directory: str, records: list[Record]) -> FolderLines:
-        return FolderLines(records, self.charset, self.height, self.channels)
+    lines = FolderLines

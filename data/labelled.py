@@ -1,29 +1,34 @@
-"""Labelled line images on disk: image preprocessing, screening against the bad-input policy, a Dataset and a
-DataModule base shared by the ``gt.txt`` folder (:mod:`data.folder`) and LMDB (:mod:`data.lmdb`) formats.
+"""Labelled line images on disk: the one reading path of training and evaluation (read the labels, report empty
+ones, screen the records against the bad-input policy), a Dataset and a DataModule base shared by the ``gt.txt``
+folder (:mod:`data.folder`) and LMDB (:mod:`data.lmdb`) formats.
 
-A format supplies two things: how to read a split's labels (:meth:`LabelledDataModule.read_records`, cheap,
-no image decoding) and how to open one image by key (:meth:`LabelledLines.open_image`).
+A format is a :class:`LabelledLines` subclass: the file that marks a split directory of it (``marker``), how to
+read a split's labels (:meth:`LabelledLines.read_records`, cheap, no image decoding), how to build the dataset
+(:meth:`LabelledLines.from_records`) and how to open one image by key (:meth:`LabelledLines.open_image`).
+:func:`open_split` reads a split of either format, as ``scripts/evaluate.py`` does; the datamodules go through
+the same pieces (:func:`read_labels`, :meth:`LabelledLines.screen`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from data.bad_input import BadInput, BadInputError
 from data.charset import Charset
-from data.datamodule import SPLITS, EpochSampler, line_loader, process_shard, shard_indices
+from data.images import MODES, image_to_tensor, resized_width
+from data.line_datamodule import LineDataModule
+from losses import required_frames
 
 log = logging.getLogger(__name__)
-
-_MODES = {1: "L", 3: "RGB"}
 
 
 class Record(NamedTuple):
@@ -36,44 +41,49 @@ class Record(NamedTuple):
     width: int = 0
 
 
-def resized_width(size: tuple[int, int], height: int) -> int:
-    """Width of an image of ``size = (w, h)`` resized to ``height`` with its aspect ratio kept (at least 1)."""
-    return max(1, round(size[0] * height / size[1]))
-
-
-def image_to_tensor(image: Image.Image, height: int, channels: int = 1) -> torch.Tensor:
-    """Any Pillow image -> float32 ``(channels, height, W)`` in ``[0, 1]``, ``W = resized_width(image.size, height)``.
-
-    Converted to grey (``channels=1``) or RGB (``3``), resized bilinearly (antialiased when shrinking).
-    """
-    image = image.convert(_MODES[channels])
-    width = resized_width(image.size, height)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
-    return torch.from_numpy(array).reshape(height, width, channels).permute(2, 0, 1).contiguous()
-
-
-def repeats(label: str) -> int:
-    """Adjacent repeated characters of ``label``: CTC needs a blank frame between each such pair."""
-    return sum(a == b for a, b in zip(label, label[1:]))
+def label_frames(labels: Sequence[str], chunk: int = 4096) -> list[int]:
+    """CTC frames each label needs, :func:`losses.required_frames` of its code points: its length plus its
+    adjacent repeated characters (a blank must separate each such pair)."""
+    needed: list[int] = []
+    for start in range(0, len(labels), chunk):  # chunks: one very long label pads only its own chunk's rows
+        rows = labels[start : start + chunk]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        padded = np.zeros((len(rows), max(int(lengths.max()), 1)), dtype=np.int64)
+        padded[np.arange(padded.shape[1]) < lengths[:, None]] = np.frombuffer(
+            "".join(rows).encode("utf-32-le"), dtype=np.uint32)  # row-major: each row's code points, in order
+        needed += required_frames(torch.from_numpy(padded), torch.from_numpy(lengths)).tolist()
+    return needed
 
 
 class LabelledLines(Dataset):
-    """Map-style dataset of :class:`Record` s; subclasses say how to open an image by key.
+    """Map-style dataset of :class:`Record` s; subclasses say how to read and open them (see the module).
 
     Items are ``{"image": float32 (channels, height, W) in [0, 1], "text": str, "target": int64 (L,)}``,
-    as :class:`data.synthetic.SyntheticLines` gives, so batches are :func:`data.datamodule.collate_lines` dicts.
+    as :class:`data.synthetic.SyntheticLines` gives, so batches are :func:`data.batching.collate_lines` dicts.
     An image that fails to decode here (after passing :meth:`screen`) raises :class:`BadInputError` naming it.
     """
 
+    marker = ""  # the file that marks a split directory of this format (e.g. gt.txt)
+
     def __init__(self, records: list[Record], charset: Charset, height: int = 32, channels: int = 1) -> None:
-        if channels not in _MODES:
-            raise ValueError(f"channels must be one of {list(_MODES)}, got {channels}")
+        if channels not in MODES:
+            raise ValueError(f"channels must be one of {list(MODES)}, got {channels}")
         self.records = records
         self.charset = charset
         self.height = height
         self.channels = channels
+
+    @classmethod
+    def read_records(cls, path: str | os.PathLike, bad: BadInput) -> list[Record]:
+        """The records of the split at ``path``, labels only (no image is opened); malformed entries go to
+        ``bad``; labels are not checked (empty ones included)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_records(cls, path: str | os.PathLike, records: list[Record], charset: Charset, height: int = 32,
+                     channels: int = 1) -> LabelledLines:
+        """The dataset over ``records`` of the split at ``path``."""
+        return cls(records, charset, height, channels)
 
     def open_image(self, key: str | int) -> Image.Image:
         """The (lazily decoded) Pillow image of ``key``; ``FileNotFoundError`` if there is none."""
@@ -82,27 +92,43 @@ class LabelledLines(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def image(self, index: int, bad: BadInput | None = None) -> torch.Tensor | None:
+        """The image of record ``index`` as float32 ``(channels, height, W)`` in ``[0, 1]``.
+
+        One that fails to decode raises :class:`BadInputError` naming the record, or, with ``bad``, is reported
+        to it as ``unreadable_image`` (which raises or counts it; then ``None``).
+        """
         record = self.records[index]
         try:
             with self.open_image(record.key) as image:
-                tensor = image_to_tensor(image, self.height, self.channels)
-        except Exception as err:
-            raise BadInputError(f"{record.where}: cannot read image {record.key!r}: {err}") from err
-        target = torch.tensor(self.charset.encode(record.label), dtype=torch.long)
-        return {"image": tensor, "text": record.label, "target": target}
+                return image_to_tensor(image, self.height, self.channels)
+        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+            what = f"cannot read image {record.key!r}: {type(err).__name__}: {err}"
+            if bad is None:
+                raise BadInputError(f"{record.where}: {what}") from err
+            bad.report("unreadable_image", record.where, what)
+            return None
 
-    def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None) -> LabelledLines:
+    def __getitem__(self, index: int) -> dict:
+        image, record = self.image(index), self.records[index]
+        target = torch.tensor(self.charset.encode(record.label), dtype=torch.long)
+        return {"image": image, "text": record.label, "target": target}
+
+    def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None,
+               require_emittable: bool = True) -> LabelledLines:
         """Check every record; keep the good ones with their resized widths; returns ``self``.
 
-        Reports to ``bad`` (which raises or counts): ``unknown_char``, ``missing_image``,
-        ``unreadable_image`` (Pillow cannot open the image or ``verify()`` it: reads headers and, for
-        PNG, checksums, without decoding pixels) and, if ``output_length`` (resized width -> model
-        frames) is given, ``too_long`` (frames < label length + repeats).
+        Reports to ``bad`` (which raises or counts): ``missing_image``, ``unreadable_image`` (Pillow cannot open
+        the image or ``verify()`` it: reads headers and, for PNG, checksums, without decoding pixels) and, with
+        ``require_emittable``, what the model cannot emit (for training; evaluation keeps and scores such
+        lines): ``unknown_char`` and, if ``output_length`` (resized width -> model frames) is given,
+        ``too_long`` (frames < label length + repeats, see :func:`label_frames`).
         """
         kept, known = [], set(self.charset.characters)
-        for record in self.records:
-            unknown = sorted(set(record.label) - known)
+        check_frames = require_emittable and output_length is not None
+        needed = label_frames([record.label for record in self.records]) if check_frames else []
+        for index, record in enumerate(self.records):
+            unknown = sorted(set(record.label) - known) if require_emittable else ()
             if unknown:
                 bad.report("unknown_char", record.where, f"characters {''.join(unknown)!r} of label "
                            f"{record.label!r} are not in the charset")
@@ -119,10 +145,9 @@ class LabelledLines(Dataset):
                            f"{type(err).__name__}: {err}")
                 continue
             width = resized_width(size, self.height)
-            needed = len(record.label) + repeats(record.label)
-            if output_length is not None and output_length(width) < needed:
-                bad.report("too_long", record.where, f"label {record.label!r} needs {needed} CTC frames, the "
-                           f"image ({size[0]}x{size[1]} px, {width} px wide at height {self.height}) gives "
+            if check_frames and output_length(width) < needed[index]:
+                bad.report("too_long", record.where, f"label {record.label!r} needs {needed[index]} CTC frames, "
+                           f"the image ({size[0]}x{size[1]} px, {width} px wide at height {self.height}) gives "
                            f"{output_length(width)}")
                 continue
             kept.append(record._replace(width=width))
@@ -130,7 +155,44 @@ class LabelledLines(Dataset):
         return self
 
 
-class LabelledDataModule(pl.LightningDataModule):
+def split_format(path: str | os.PathLike) -> type[LabelledLines]:
+    """The format of the split directory ``path``: a ``gt.txt`` folder or an LMDB directory (``data.mdb``)."""
+    from data.folder import FolderLines  # the formats build on this module
+    from data.lmdb import LmdbLines
+
+    for lines in (FolderLines, LmdbLines):
+        if (Path(path) / lines.marker).is_file():
+            return lines
+    raise FileNotFoundError(f"{path}: neither a folder with a {FolderLines.marker} nor an LMDB directory "
+                            f"({LmdbLines.marker})")
+
+
+def read_labels(path: str | os.PathLike, bad: BadInput, lines: type[LabelledLines] | None = None) -> list[Record]:
+    """The records of the split at ``path`` in format ``lines`` (``None``: :func:`split_format`), labels only;
+    malformed entries and empty labels go to ``bad``."""
+    records = []
+    for record in (lines or split_format(path)).read_records(path, bad):
+        if record.label:
+            records.append(record)
+        else:
+            bad.report("empty_label", record.where, "empty label")
+    return records
+
+
+def open_split(path: str | os.PathLike, charset: Charset, height: int = 32, channels: int = 1,
+               bad: BadInput | None = None, output_length: Callable[[int], int] | None = None,
+               require_emittable: bool = True) -> LabelledLines:
+    """The screened labelled lines of the split at ``path`` (a ``gt.txt`` folder or an LMDB directory): read
+    (:func:`read_labels`) and checked (:meth:`LabelledLines.screen`) as in training; problems go to ``bad``
+    (``None``: the default policy). ``require_emittable=False`` keeps lines the model cannot emit (for
+    evaluation). An LMDB dataset's environment is closed after screening and reopened on the next read."""
+    bad = bad if bad is not None else BadInput()
+    lines = split_format(path)
+    dataset = lines.from_records(path, read_labels(path, bad, lines), charset, height, channels)
+    return dataset.screen(bad, output_length, require_emittable)
+
+
+class LabelledDataModule(LineDataModule):
     """Train/val/test splits of labelled line images in some on-disk format.
 
     Args:
@@ -153,11 +215,14 @@ class LabelledDataModule(pl.LightningDataModule):
             debugging on a large dataset); ``None`` uses all. The charset is still inferred from all
             training labels, and malformed lines anywhere in a ``gt.txt`` are still reported.
 
-    ``setup`` screens each split's images once (headers only) and logs how many samples were kept and
-    skipped; ``problems[split]`` keeps the :class:`BadInput` record. ``.charset`` exists right after
-    construction. Batches are :func:`collate_lines` dicts. Under data-parallel training each process
-    loads its own shard of every split, as :class:`data.datamodule.SyntheticDataModule` does.
+    The format is the class attribute ``lines`` (a :class:`LabelledLines` subclass; ``None``: each split's
+    own, see :func:`split_format`). ``setup`` screens each split's images once (headers only) and logs how many
+    samples were kept and skipped; ``problems[split]`` keeps the :class:`BadInput` record. ``.charset`` exists
+    right after construction. Setup, loaders and data-parallel sharding are
+    :class:`data.line_datamodule.LineDataModule`'s.
     """
+
+    lines: type[LabelledLines] | None = None
 
     def __init__(
         self,
@@ -178,21 +243,16 @@ class LabelledDataModule(pl.LightningDataModule):
         val_size: int | None = None,
         test_size: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
+                         group_by_length)
         self.dirs = {"train": str(train_dir), "val": str(val_dir), "test": str(test_dir)}
-        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.height = height
         self.channels = channels
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.group_by_length = group_by_length
         self.output_length = output_length
         self.bad_input = dict(bad_input or {})
         BadInput(self.bad_input)  # validate the policy now, not at setup
         self.problems: dict[str, BadInput] = {}
         self._records: dict[str, list[Record]] = {}
-        self.datasets: dict[str, LabelledLines] = {}
         if charset is None:
             labels = [record.label for record in self.records("train")]
             charset = "".join(sorted(set("".join(labels))))
@@ -200,71 +260,27 @@ class LabelledDataModule(pl.LightningDataModule):
                      len(labels), self.dirs["train"], charset, len(charset))
         self.charset = Charset(charset, blank=blank)
 
-    def overfit(self, num_batches: int) -> None:
-        """Train on the first ``num_batches`` batches' worth of samples only (``trainer.overfit_batches``)."""
-        lines = num_batches * self.batch_size
-        self.sizes["train"] = lines if self.sizes["train"] is None else min(self.sizes["train"], lines)
-        self.datasets.pop("train", None)
-
-    def read_records(self, directory: str, bad: BadInput) -> list[Record]:
-        """The records of one split, labels only (no image is opened); malformed entries go to ``bad``."""
-        raise NotImplementedError
-
-    def make_dataset(self, directory: str, records: list[Record]) -> LabelledLines:
-        """The format's :class:`LabelledLines` over ``records``."""
-        raise NotImplementedError
-
     def records(self, split: str) -> list[Record]:
-        """The split's records as read (cached); empty labels are reported here."""
+        """The split's records as read (cached); malformed entries and empty labels are reported here."""
         if split not in self._records:
             bad = self.problems[split] = BadInput(self.bad_input)
-            records = []
-            for record in self.read_records(self.dirs[split], bad):
-                if record.label:
-                    records.append(record)
-                else:
-                    bad.report("empty_label", record.where, "empty label")
-            self._records[split] = records
+            self._records[split] = read_labels(self.dirs[split], bad, self.lines)
         return self._records[split]
 
-    def dataset(self, split: str) -> LabelledLines:
-        """The split's screened dataset, built on first use; logs the split's kept/skipped summary."""
-        if split not in self.datasets:
-            records, size = self.records(split), self.sizes[split]
-            dataset = self.make_dataset(self.dirs[split], records[:size])
-            bad = self.problems[split]
-            dataset.screen(bad, self.output_length)
-            name = f"{split} data {self.dirs[split]}"
-            if size is not None and size < len(records):
-                name += f" (first {size} of {len(records)} samples: data.{split}_size)"
-            if not dataset.records:
-                raise BadInputError(f"{self.dirs[split]}: no usable samples; " + bad.summary(name, 0))
-            log.log(logging.WARNING if bad.num_skipped else logging.INFO, "%s", bad.summary(name, len(dataset)))
-            self.datasets[split] = dataset
-        return self.datasets[split]
+    def build_dataset(self, split: str) -> LabelledLines:
+        """The split's screened dataset; logs the split's kept/skipped summary."""
+        records, size, directory = self.records(split), self.sizes[split], self.dirs[split]
+        dataset = (self.lines or split_format(directory)).from_records(
+            directory, records[:size], self.charset, self.height, self.channels)
+        bad = self.problems[split]
+        dataset.screen(bad, self.output_length)
+        name = f"{split} data {directory}"
+        if size is not None and size < len(records):
+            name += f" (first {size} of {len(records)} samples: data.{split}_size)"
+        if not dataset.records:
+            raise BadInputError(f"{directory}: no usable samples; " + bad.summary(name, 0))
+        log.log(logging.WARNING if bad.num_skipped else logging.INFO, "%s", bad.summary(name, len(dataset)))
+        return dataset
 
-    def setup(self, stage: str | None = None) -> None:
-        """Screen the splits a stage needs: ``fit`` train + val, ``validate`` val, ``test`` test, ``None`` all."""
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}.get(stage, ())
-        for split in splits:
-            self.dataset(split)
-
-    def _loader(self, split: str) -> DataLoader:
-        dataset = self.dataset(split)
-        train = split == "train"
-        rank, world_size = process_shard(self.trainer)  # data-parallel: each process takes its own shard
-        indices: Iterable[int] = (
-            EpochSampler(len(dataset), seed=self.seed, fresh=False, rank=rank, world_size=world_size)
-            if train else shard_indices(len(dataset), rank, world_size)
-        )
-        return line_loader(dataset, indices, self.batch_size, length=lambda i: dataset.records[i].width, shuffle=train,
-                           group_by_length=self.group_by_length, seed=self.seed, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def length_key(self, dataset: LabelledLines) -> Callable[[int], int]:
+        return lambda i: dataset.records[i].width

@@ -103,19 +103,31 @@ class LmdbLines(LabelledLines):
     process that reads, DataLoader workers included; nothing of it is pickled.
     """
 
+    marker = "data.mdb"
+
     def __init__(self, path: str, records: list[Record], charset: Charset, height: int = 32, channels: int = 1) -> None:
         super().__init__(records, charset, height, channels)
         self.path = path
+
+    @classmethod
+    def read_records(cls, path: str | os.PathLike, bad: BadInput) -> list[Record]:
+        return read_lmdb_labels(path, bad)
+
+    @classmethod
+    def from_records(cls, path: str | os.PathLike, records: list[Record], charset: Charset, height: int = 32,
+                     channels: int = 1) -> LmdbLines:
+        return cls(str(path), records, charset, height, channels)
 
     def close(self) -> None:
         """Close this process's environment for the dataset (it is reopened on the next read)."""
         close_lmdb(self.path)
 
-    def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None) -> LmdbLines:
+    def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None,
+               require_emittable: bool = True) -> LmdbLines:
         """:meth:`LabelledLines.screen`, then close the environment, so that forked DataLoader workers
         inherit none."""
         try:
-            return super().screen(bad, output_length)
+            return super().screen(bad, output_length, require_emittable)
         finally:
             self.close()
 
@@ -130,8 +142,4 @@ class LmdbLines(LabelledLines):
 class LmdbDataModule(LabelledDataModule):
     """Train/val/test LMDB directories (``train_dir`` etc.); all arguments as :class:`LabelledDataModule`."""
 
-    def read_records(self, directory: str, bad: BadInput) -> list[Record]:
-        return read_lmdb_labels(directory, bad)
-
-    def make_dataset(self, directory: str, records: list[Record]) -> LmdbLines:
-        return LmdbLines(directory, records, self.charset, self.height, self.channels)
+    lines = LmdbLines

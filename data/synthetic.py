@@ -1,4 +1,5 @@
-"""Synthetic text-line images, rendered on the fly and reproducible per ``(seed, index)``.
+"""Synthetic text-line images, rendered on the fly and reproducible per ``(seed, index)``, and
+:class:`SyntheticDataModule`, their train/val/test splits.
 
 Every sample draws all of its randomness (text, font, size, padding, spacing, grey levels, affine
 distortion, blur, noise) from ``numpy.random.default_rng([seed, index])``, so any process, worker
@@ -22,7 +23,7 @@ import glob
 import math
 import os
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -30,7 +31,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
+from data.batching import SPLITS
 from data.charset import Charset
+from data.line_datamodule import LineDataModule
 
 DIGITS = "0123456789"
 TEXT_CHARACTERS = string.digits + string.ascii_letters + " .,:;!?'\"-()&/"
@@ -361,3 +364,81 @@ class SyntheticLines(Dataset):
         if self._cache is None:
             self._cache = [self[i] for i in range(self.size)]
         return self
+
+
+class SyntheticDataModule(LineDataModule):
+    """Synthetic text lines for train/val/test, rendered on the fly.
+
+    Args:
+        kind: ``"digits"`` or ``"text"`` (see :func:`data.synthetic.make_renderer`).
+        charset: the characters (class order); ``None`` uses the kind's default.
+        min_length, max_length: inclusive text-length range.
+        height: image height in px.
+        train_size, val_size, test_size: samples per epoch / in the fixed val and test sets.
+        batch_size: samples per batch (smaller last batches are kept).
+        num_workers: rendering worker processes for training (persistent when > 0).
+        seed: base seed. Split ``k`` of ``("train", "val", "test")`` uses stream seed ``3*seed + k``,
+            so the streams are disjoint for every (seed, split) pair.
+        words: optional word list (sequence or file path) for ``kind="text"``.
+        distortion: augmentation strength in ``[0, 1]`` (0.5 = moderate).
+        zipf_exponent, char_weights: skewed character frequencies for random-character lines (all
+            splits), see :class:`data.synthetic.LineRenderer`; the defaults draw characters uniformly.
+        blank: CTC blank class id; characters take the other ids.
+        fresh_train: if True every epoch renders new training samples (see :class:`data.batching.EpochSampler`),
+            else the same ``train_size`` samples are reshuffled each epoch.
+        prerender_eval: render val/test once in ``setup`` and keep them in memory; their loaders
+            then run in the main process (``num_workers=0``), since collating is cheap.
+        group_by_length: batch samples of similar text length together
+            (:class:`data.batching.LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
+            length order) to cut padding, i.e. wasted model compute; False batches in sampler order.
+
+    Setup, loaders and data-parallel sharding are :class:`data.line_datamodule.LineDataModule`'s. ``.charset``
+    (a :class:`Charset`) exists right after construction, so a model can read ``charset.num_classes`` before
+    ``setup``. Batches are :func:`data.batching.collate_lines` dicts.
+    """
+
+    endless_train = True
+
+    def __init__(
+        self,
+        kind: str = "digits",
+        charset: str | None = None,
+        min_length: int = 1,
+        max_length: int = 10,
+        height: int = 32,
+        train_size: int = 20000,
+        val_size: int = 500,
+        test_size: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 1,
+        seed: int = 0,
+        words: Sequence[str] | str | None = None,
+        distortion: float = 0.5,
+        blank: int = 0,
+        fresh_train: bool = True,
+        prerender_eval: bool = True,
+        group_by_length: bool = True,
+        zipf_exponent: float = 0.0,
+        char_weights: Sequence[float] | Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
+                         group_by_length)
+        self.renderer = make_renderer(
+            kind, charset, min_length=min_length, max_length=max_length, height=height,
+            words=words, distortion=distortion, zipf_exponent=zipf_exponent, char_weights=char_weights,
+        )
+        self.charset = Charset(self.renderer.characters, blank=blank)
+        self.fresh_train = fresh_train
+        self.prerender_eval = prerender_eval
+
+    def build_dataset(self, split: str) -> SyntheticLines:
+        """The split's lines (val/test pre-rendered if ``prerender_eval``)."""
+        ds = SyntheticLines(self.renderer, self.charset, self.sizes[split], seed=3 * self.seed + SPLITS.index(split))
+        return ds.prerender() if split != "train" and self.prerender_eval else ds
+
+    def length_key(self, dataset: SyntheticLines) -> Callable[[int], int]:
+        return lambda i: len(dataset.text(i))
+
+    @property
+    def eval_num_workers(self) -> int:
+        return 0 if self.prerender_eval else self.num_workers

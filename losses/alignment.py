@@ -3,20 +3,21 @@
 All functions take :func:`torch.nn.functional.ctc_loss`'s arguments: ``log_probs`` ``(T, B, C)``,
 ``targets`` padded ``(B, S)`` or concatenated 1-D, lengths ``(B,)`` tensors or sequences of ints.
 States are those of the blank-interleaved target ``z = (blank, l_1, blank, ..., l_L, blank)``, numbered
-``0 .. 2L`` (see :func:`losses.targets.extended_targets`).
+``0 .. 2L``; batched, ``N = 2S + 1`` states (see :mod:`losses.targets`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from losses.ctc import compute_dtype
+from losses.base import compute_dtype
+from losses.logspace import NEG_INF
 from losses.targets import CheckedTargets, LengthsLike, check_ctc_arguments, extended_targets, feasible
 
-__all__ = ["forced_align", "path_to_spans", "ctc_alignment_targets"]
+__all__ = ["TokenSpan", "forced_align", "path_to_spans", "ctc_alignment_targets"]
 
 STAY, PREVIOUS, SKIP = 0, 1, 2  # backpointer values: how many states the path advanced into a frame
 
@@ -45,7 +46,7 @@ def _best_predecessor(
     best, best_reachable = alpha, reachable
     step = torch.full_like(alpha, STAY, dtype=torch.uint8)
     for offset in (PREVIOUS, SKIP):
-        score = _shift(alpha, offset, -torch.inf)
+        score = _shift(alpha, offset, NEG_INF)
         reach = _shift(reachable, offset, False)
         if offset == SKIP:
             reach = reach & can_skip
@@ -74,7 +75,7 @@ def _viterbi_forward(
         ``final_reachable``: ``(B, N)`` bool reachability there.
     """
     num_frames, batch, num_states = emissions.shape
-    alpha = emissions.new_full((batch, num_states), -torch.inf)
+    alpha = emissions.new_full((batch, num_states), NEG_INF)
     alpha[:, 0] = 0.0
     reachable = torch.zeros_like(alpha, dtype=torch.bool)
     reachable[:, 0] = True
@@ -137,7 +138,7 @@ def forced_align(
         ``log_probs[t, b, paths[b, t]]`` on frames ``< input_length`` and 0 beyond, so ``scores.sum(1)``
         is the best alignment's log-score.
 
-    Infeasible samples (``input_length < target_length + repeats``, no alignment exists) get an all-blank
+    Infeasible samples (``input_length <`` :func:`losses.targets.required_frames`, no alignment exists) get an all-blank
     path and ``-inf`` scores on their valid frames. A feasible sample whose every alignment scores
     ``-inf`` still gets a valid alignment (with ``-inf`` on some frames).
 
@@ -161,26 +162,55 @@ def forced_align(
     ok = feasible(checked)[:, None]
     paths = torch.where(frame_valid & ok, states.gather(1, state_path), blank)
     frame_scores = log_probs.gather(2, paths.T[:, :, None]).squeeze(2).T
-    scores = torch.where(frame_valid, torch.where(ok, frame_scores, -torch.inf), 0.0)
+    scores = torch.where(frame_valid, torch.where(ok, frame_scores, NEG_INF), 0.0)
     return paths, scores
 
 
-def path_to_spans(path: Sequence[int] | torch.Tensor, blank: int = 0) -> list[tuple[int, int, int]]:
-    """Token spans ``(token, start, end)`` (end exclusive) of a 1-D frame-level path.
+class TokenSpan(NamedTuple):
+    """One emitted token of a frame-level path: frames ``start <= t < end`` (``end`` exclusive) emit ``token``.
 
-    Consecutive equal non-blank tokens form one span; blanks are dropped. Slice batched paths to the
-    sample's input length first. Example: ``[0, 3, 3, 0, 3, 5]`` -> ``[(3, 1, 3), (3, 4, 5), (5, 5, 6)]``.
+    ``score``: the span's log-score, the sum of the per-frame ``scores`` given to :func:`path_to_spans` over its
+    frames (with :func:`forced_align`'s scores, the summed log-prob of ``token`` on those frames); ``None`` when
+    no scores were given.
+    """
+
+    token: int
+    start: int
+    end: int
+    score: float | None
+
+
+def path_to_spans(
+    path: Sequence[int] | torch.Tensor, blank: int = 0, scores: Sequence[float] | torch.Tensor | None = None
+) -> list[TokenSpan]:
+    """Token spans of a 1-D frame-level path, in order.
+
+    Consecutive equal non-blank tokens form one span; blanks are dropped. Slice batched paths (and scores) to
+    the sample's input length first. Example: ``[0, 3, 3, 0, 3, 5]`` -> spans ``(token, start, end)``
+    ``(3, 1, 3), (3, 4, 5), (5, 5, 6)``.
+
+    Args:
+        path: ``(T,)`` token id per frame, e.g. a row of :func:`forced_align`'s ``paths``.
+        blank: blank class index.
+        scores: optional ``(T,)`` per-frame log-scores, e.g. the matching row of :func:`forced_align`'s
+            ``scores``; each span's ``score`` is their sum over its frames (in float64).
     """
     tokens = path.tolist() if isinstance(path, torch.Tensor) else list(path)
-    spans: list[tuple[int, int, int]] = []
+    frame_scores = None if scores is None else (scores.tolist() if isinstance(scores, torch.Tensor) else list(scores))
+    if frame_scores is not None and len(frame_scores) != len(tokens):
+        raise ValueError(f"scores must have one value per frame of path ({len(tokens)}), got {len(frame_scores)}")
+    runs: list[list[int]] = []  # [token, start, end]
     for t, token in enumerate(tokens):
         if token == blank:
             continue
-        if spans and spans[-1][0] == token and spans[-1][2] == t:
-            spans[-1] = (token, spans[-1][1], t + 1)
+        if runs and runs[-1][0] == token and runs[-1][2] == t:
+            runs[-1][2] = t + 1
         else:
-            spans.append((token, t, t + 1))
-    return spans
+            runs.append([token, t, t + 1])
+    return [
+        TokenSpan(token, start, end, None if frame_scores is None else float(sum(frame_scores[start:end])))
+        for token, start, end in runs
+    ]
 
 
 def ctc_alignment_targets(

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from losses.ctc import check_reduction
+from losses.base import CTCLossBase
 
 
-class CTCLoss(nn.Module):
+class CTCLoss(CTCLossBase):
     """:func:`torch.nn.functional.ctc_loss` (cuDNN / native kernels) behind the common loss interface.
 
     ``forward(log_probs (T, B, C), targets, input_lengths (B,), target_lengths (B,))`` returns the
     reduced loss; half-precision log-probs are upcast to float32 first (the kernels need it on CPU).
     """
-
-    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
-        super().__init__()
-        check_reduction(reduction)
-        self.blank, self.reduction, self.zero_infinity = blank, reduction, zero_infinity
 
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
         if log_probs.dtype in (torch.float16, torch.bfloat16):

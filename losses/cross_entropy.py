@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 
 from losses.alignment import alignment_targets_and_nll
-from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
+from losses.base import CTCLossBase, compute_dtype
+from losses.ctc import ctc_loss
 from losses.targets import CheckedTargets, check_ctc_arguments
 
 REWEIGHT_MODES = ("balanced", "plain", "none")
 
 
-class AlignmentTargetLoss(nn.Module):
+class AlignmentTargetLoss(CTCLossBase):
     """Base class: per-sample ``-Σ_t Σ_c γ'_tc · log_probs_tc`` with ``γ' = self.transform(γ, ...)``.
 
     ``forward`` takes :func:`torch.nn.functional.ctc_loss`'s tensors; ``reduction``/``zero_infinity``
@@ -33,9 +33,8 @@ class AlignmentTargetLoss(nn.Module):
         self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False,
         ctc: Callable[..., torch.Tensor] = ctc_loss,
     ):
-        super().__init__()
-        check_reduction(reduction)
-        self.blank, self.reduction, self.zero_infinity, self.ctc = blank, reduction, zero_infinity, ctc
+        super().__init__(blank, reduction, zero_infinity)
+        self.ctc = ctc
 
     def transform(self, gamma: torch.Tensor, checked: CheckedTargets) -> torch.Tensor:
         """Map ``γ`` ``(T, B, C)`` to the targets actually used; identity here."""
@@ -51,7 +50,7 @@ class AlignmentTargetLoss(nn.Module):
         cross_entropy = -products.sum((0, 2))
         # no alignment has positive probability: like CTC, inf (or 0 with zero gradient under zero_infinity)
         losses = torch.where(nll.isfinite(), cross_entropy, torch.full_like(cross_entropy, torch.inf))
-        return finish_loss(losses, checked.target_lengths, self.reduction, self.zero_infinity)
+        return self.finish(losses, checked.target_lengths)
 
 
 def label_counts(checked: CheckedTargets, num_classes: int) -> torch.Tensor:
@@ -89,7 +88,8 @@ class ReweightedCTCLoss(AlignmentTargetLoss):
             return gamma
         is_blank = torch.arange(gamma.shape[2], device=gamma.device) == self.blank  # (C,)
         if self.mode == "plain":
-            return gamma * torch.where(is_blank, 1.0 - self.alpha, self.alpha).to(gamma.dtype)
+            weights = gamma.new_tensor([1.0 - self.alpha, self.alpha])  # in gamma's dtype: float64 stays float64
+            return gamma * torch.where(is_blank, weights[0], weights[1])
         counts = label_counts(checked, gamma.shape[2]).to(gamma.dtype)  # (B, C)
         blank_mass = (1.0 - self.alpha) / self.alpha * checked.target_lengths.to(gamma.dtype)  # (B,)
         wanted = torch.where(is_blank, blank_mass[:, None], counts)
@@ -101,7 +101,7 @@ class ReweightedCTCLoss(AlignmentTargetLoss):
         return torch.where(frame_mass > 0, reweighted / frame_mass.clamp_min(torch.finfo(mass.dtype).tiny), reweighted)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, mode={self.mode!r}"
+        return f"alpha={self.alpha}, mode={self.mode!r}, {super().extra_repr()}"
 
 
 class SmoothedCTCLoss(AlignmentTargetLoss):
@@ -119,4 +119,4 @@ class SmoothedCTCLoss(AlignmentTargetLoss):
         return torch.where(has_target, smoothed, gamma)
 
     def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}"
+        return f"epsilon={self.epsilon}, {super().extra_repr()}"

@@ -1,8 +1,9 @@
 """Pure-PyTorch CTC loss whose only Python loop is over time.
 
 The forward (alpha) recursion runs in log space over the blank-interleaved *states* of every target
-at once: a batch is a ``(B, 2S+1)`` tensor of state scores per frame. A state ``s`` is reached from
-``s`` (stay), ``s-1`` (advance) and ``s-2`` (skip a blank, allowed only between different labels)::
+at once: a batch is a ``(B, N)`` tensor of state scores per frame, ``N = 2S + 1`` states (see
+:mod:`losses.targets`). A state ``s`` is reached from ``s`` (stay), ``s-1`` (advance) and ``s-2`` (skip a
+blank, allowed only between different labels)::
 
     alpha_t(s) = logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2)) + log y_t(z_s)
 
@@ -26,28 +27,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from losses.alpha_beta import AlphaBetaCTC
+from losses.base import CTCLossBase, check_reduction, compute_dtype, finish_loss
 from losses.logspace import NEG_INF, safe_logaddexp3
 from losses.targets import LengthsLike, check_ctc_arguments, extended_targets, final_log_likelihood
 
 BACKWARD_MODES = ("alpha_beta", "autograd")
-REDUCTIONS = ("none", "mean", "sum")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision inputs, else the input dtype (float32 / float64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _skip_bias(can_skip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, S')`` additive log-weight of the skip move into each state: 0 where allowed, ``-inf`` where not."""
+    """``(B, N)`` additive log-weight of the skip move into each state: 0 where allowed, ``-inf`` where not."""
     return torch.zeros(can_skip.shape, dtype=dtype, device=can_skip.device).masked_fill_(~can_skip, NEG_INF)
 
 
 def _initial_alpha(batch: int, num_states: int, like: torch.Tensor) -> torch.Tensor:
-    """``alpha_{-1}``: log 1 in state 0, ``-inf`` elsewhere; shape ``(B, S')``."""
+    """``alpha_{-1}``: log 1 in state 0, ``-inf`` elsewhere; shape ``(B, N)``."""
     alpha = torch.full((batch, num_states), NEG_INF, dtype=like.dtype, device=like.device)
     alpha[:, 0] = 0.0
     return alpha
@@ -66,8 +61,8 @@ def alpha_recursion_autograd(
     """Differentiable forward recursion (research mode).
 
     Args:
-        state_log_probs: ``(T, B, S')`` log-prob of each state's class per frame.
-        can_skip: ``(B, S')`` bool, skip transition allowed into the state.
+        state_log_probs: ``(T, B, N)`` log-prob of each state's class per frame.
+        can_skip: ``(B, N)`` bool, skip transition allowed into the state.
         input_lengths, target_lengths: ``(B,)`` int64.
     Returns:
         ``(B,)`` ``log p(l|x)`` (``-inf`` where no alignment exists).
@@ -77,32 +72,12 @@ def alpha_recursion_autograd(
     frame_mask = _frame_mask(input_lengths, num_frames)
     alpha = _initial_alpha(batch, num_states, state_log_probs)
     # unbind, not state_log_probs[t]: the backward then stacks T frame gradients once, where indexing would
-    # allocate and zero-fill a whole (T, B, S') gradient per frame
+    # allocate and zero-fill a whole (T, B, N) gradient per frame
     for t, frame_log_probs in enumerate(state_log_probs.unbind(0)):
         shifted = F.pad(alpha, (2, 0), value=NEG_INF)  # column j holds state j - 2
         step = safe_logaddexp3(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip_bias) + frame_log_probs
         alpha = step if frame_mask is None else torch.where(frame_mask[t], step, alpha)
     return final_log_likelihood(alpha, target_lengths)
-
-
-def _reduce(losses: torch.Tensor, target_lengths: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return (losses / target_lengths.clamp_min(1).to(losses.dtype)).mean()
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def finish_loss(losses: torch.Tensor, target_lengths: torch.Tensor, reduction: str, zero_infinity: bool):
-    """Apply ``zero_infinity`` (inf -> 0 with zero gradient) and the ``F.ctc_loss`` reduction to ``(B,)`` losses."""
-    if zero_infinity:
-        losses = torch.where(losses.isinf(), torch.zeros_like(losses), losses)
-    return _reduce(losses, target_lengths, reduction)
 
 
 def ctc_loss(
@@ -149,15 +124,14 @@ def ctc_loss(
     return finish_loss(losses, checked.target_lengths, reduction, zero_infinity)
 
 
-class PythonCTCLoss(nn.Module):
+class PythonCTCLoss(CTCLossBase):
     """:func:`ctc_loss` as a module; ``forward`` takes exactly ``F.ctc_loss``'s tensors."""
 
     def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False, backward: str = "alpha_beta"):
-        super().__init__()
         if backward not in BACKWARD_MODES:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
-        check_reduction(reduction)
-        self.blank, self.reduction, self.zero_infinity, self.backward = blank, reduction, zero_infinity, backward
+        super().__init__(blank, reduction, zero_infinity)
+        self.backward = backward
 
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
         return ctc_loss(
@@ -166,4 +140,4 @@ class PythonCTCLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"backward={self.backward!r}, blank={self.blank}, reduction={self.reduction!r}"
+        return f"backward={self.backward!r}, {super().extra_repr()}"

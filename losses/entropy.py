@@ -12,9 +12,9 @@ with ``γ`` the per-frame posteriors. ``γ`` is itself ``-dL/dlog y``, so the ex
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
+from losses.base import CTCLossBase, compute_dtype
+from losses.ctc import ctc_loss
 from losses.targets import CheckedTargets, check_ctc_arguments
 
 
@@ -44,7 +44,7 @@ def ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, blank: i
     return nll, entropy
 
 
-class MaxEntropyCTCLoss(nn.Module):
+class MaxEntropyCTCLoss(CTCLossBase):
     """EnCTC: ``(1 - beta) · L - beta · H`` per sample; ``beta = 0`` is plain CTC.
 
     Rewarding entropy spreads the path posterior over more alignments, countering CTC's peaky,
@@ -54,19 +54,17 @@ class MaxEntropyCTCLoss(nn.Module):
     """
 
     def __init__(self, beta: float = 0.2, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
-        super().__init__()
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"MaxEntropyCTCLoss beta must be in [0, 1], got {beta}")
-        check_reduction(reduction)
-        self.beta, self.blank, self.reduction, self.zero_infinity = beta, blank, reduction, zero_infinity
+        super().__init__(blank, reduction, zero_infinity)
+        self.beta = beta
 
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
         nll, entropy = ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, self.blank)
         finite_nll = torch.where(nll.isfinite(), nll, torch.zeros_like(nll))
         losses = torch.where(nll.isfinite(), (1.0 - self.beta) * finite_nll - self.beta * entropy, nll)
-        lengths = torch.as_tensor(target_lengths, device=nll.device)
-        return finish_loss(losses, lengths, self.reduction, self.zero_infinity)
+        return self.finish(losses, target_lengths)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}"
+        return f"beta={self.beta}, {super().extra_repr()}"

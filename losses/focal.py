@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 
-from losses.ctc import check_reduction, compute_dtype, ctc_loss, finish_loss
+from losses.base import CTCLossBase, compute_dtype
+from losses.ctc import ctc_loss
 
 
-class FocalCTCLoss(nn.Module):
+class FocalCTCLoss(CTCLossBase):
     """Per-sample ``alpha * (1 - exp(-L)) ** gamma * L`` with ``L`` the CTC negative log-likelihood.
 
     Well-recognised lines (``L`` near 0, ``p(l|x) = exp(-L)`` near 1) are down-weighted, so training
@@ -33,12 +33,10 @@ class FocalCTCLoss(nn.Module):
         zero_infinity: bool = False,
         ctc: Callable[..., torch.Tensor] = ctc_loss,
     ):
-        super().__init__()
         if alpha <= 0 or gamma < 0:
             raise ValueError(f"FocalCTCLoss needs alpha > 0 and gamma >= 0, got alpha={alpha}, gamma={gamma}")
-        check_reduction(reduction)
-        self.alpha, self.gamma, self.detach_weight = alpha, gamma, detach_weight
-        self.blank, self.reduction, self.zero_infinity, self.ctc = blank, reduction, zero_infinity, ctc
+        super().__init__(blank, reduction, zero_infinity)
+        self.alpha, self.gamma, self.detach_weight, self.ctc = alpha, gamma, detach_weight, ctc
 
     def forward(self, log_probs, targets, input_lengths, target_lengths) -> torch.Tensor:
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
@@ -52,8 +50,7 @@ class FocalCTCLoss(nn.Module):
         if self.detach_weight:
             weight = weight.detach()
         losses = torch.where(infinite, nll, weight * finite_nll)
-        lengths = torch.as_tensor(target_lengths, device=nll.device)
-        return finish_loss(losses, lengths, self.reduction, self.zero_infinity)
+        return self.finish(losses, target_lengths)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, detach_weight={self.detach_weight}"
+        return f"alpha={self.alpha}, gamma={self.gamma}, detach_weight={self.detach_weight}, {super().extra_repr()}"

@@ -8,7 +8,11 @@ Conventions (the same as :func:`torch.nn.functional.ctc_loss`):
 
 The *extended* target of a label sequence ``l`` of length ``L`` interleaves blanks:
 ``z = (blank, l_1, blank, l_2, ..., l_L, blank)``, ``2L + 1`` states. Batched, every row is
-padded to ``2S + 1`` states with ``S = max(target_lengths)``.
+padded to ``N = 2S + 1`` states with ``S = max(target_lengths)``; ``N`` is the number of states in every
+shape of this package.
+
+An alignment of ``l`` needs at least :func:`required_frames` frames: one per label, plus one blank between
+each pair of equal adjacent labels.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from losses.logspace import safe_logsumexp
+from losses.logspace import NEG_INF, safe_logsumexp
 
 LengthsLike = torch.Tensor | Sequence[int]
 
@@ -122,8 +126,8 @@ def extended_targets(padded: torch.Tensor, blank: int) -> tuple[torch.Tensor, to
     Args:
         padded: ``(B, S)`` int64 labels (blank-padded, as from :func:`check_ctc_arguments`).
     Returns:
-        ``states``: ``(B, 2S+1)`` int64 class id of each state.
-        ``can_skip``: ``(B, 2S+1)`` bool, True where ``states[s]`` is a label differing from ``states[s-2]``.
+        ``states``: ``(B, N)`` int64 class id of each state, ``N = 2S + 1``.
+        ``can_skip``: ``(B, N)`` bool, True where ``states[s]`` is a label differing from ``states[s-2]``.
     """
     batch, max_len = padded.shape
     states = torch.full((batch, 2 * max_len + 1), blank, dtype=torch.long, device=padded.device)
@@ -134,23 +138,31 @@ def extended_targets(padded: torch.Tensor, blank: int) -> tuple[torch.Tensor, to
     return states, can_skip
 
 
-def repeat_counts(padded: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` number of adjacent equal labels inside each row's length (each needs a blank between)."""
-    same = padded[:, 1:] == padded[:, :-1]
+def required_frames(padded: torch.Tensor, target_lengths: LengthsLike) -> torch.Tensor:
+    """``(B,)`` int64 fewest frames any CTC alignment of each target needs: its length plus its adjacent repeats.
+
+    Args:
+        padded: ``(B, S)`` integer labels, any ids (class ids, code points); entries at or past a row's
+            length are ignored, whatever they hold.
+        target_lengths: ``(B,)`` integers (a tensor or a sequence of ints).
+    Returns:
+        ``(B,)`` int64 on ``padded``'s device; a sample is feasible iff its input length is at least this.
+    """
+    target_lengths = torch.as_tensor(target_lengths, device=padded.device).long()
+    repeats = padded[:, 1:] == padded[:, :-1]  # each adjacent equal pair needs a blank frame between
     inside = torch.arange(padded.shape[1], device=padded.device)[1:] < target_lengths[:, None]
-    return (same & inside).sum(1)
+    return target_lengths + (repeats & inside).sum(1)
 
 
 def feasible(checked: CheckedTargets) -> torch.Tensor:
-    """``(B,)`` bool: some alignment fits, i.e. ``input_length >= target_length + repeats``."""
-    needed = checked.target_lengths + repeat_counts(checked.padded, checked.target_lengths)
-    return checked.input_lengths >= needed
+    """``(B,)`` bool: some alignment fits, i.e. ``input_length >= required_frames``."""
+    return checked.input_lengths >= required_frames(checked.padded, checked.target_lengths)
 
 
 def final_log_likelihood(alpha: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` ``log p(l|x)`` from the last alpha ``(B, S')``: end in the final blank or the final label."""
+    """``(B,)`` ``log p(l|x)`` from the last alpha ``(B, N)``: end in the final blank or the final label."""
     last = 2 * target_lengths
     ends = torch.stack([last, (last - 1).clamp_min(0)], dim=1)  # (B, 2)
     scores = alpha.gather(1, ends)
     no_label = (target_lengths == 0)[:, None] & torch.tensor([False, True], device=alpha.device)
-    return safe_logsumexp(scores.masked_fill(no_label, float("-inf")), dim=1)
+    return safe_logsumexp(scores.masked_fill(no_label, NEG_INF), dim=1)

@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import string
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crnn.decoding import beam_search, greedy_decode  # noqa: E402
+from crnn.decoding import beam_search, greedy_decode
 
 SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 

@@ -21,17 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crnn.inference import add_recognition_arguments, load_recognizer, recognize, resolve_device  # noqa: E402
+from crnn.inference import load_recognizer, recognize, resolve_device  # noqa: E402
 from crnn.metrics import TextMetrics  # noqa: E402
 from crnn.module import CRNNModule  # noqa: E402
-from data import (  # noqa: E402
-    BadInput, FolderLines, LabelledLines, LmdbLines, image_to_tensor, read_gt, read_lmdb_labels,
-)
-from data.folder import GT_FILE  # noqa: E402
+from data import BadInput, LabelledLines, LmdbLines, open_split  # noqa: E402
+from scripts.options import add_recognition_arguments, decoder_from_args  # noqa: E402
 
 DATA_KINDS = ("missing_image", "unreadable_image", "malformed", "empty_label")
 
@@ -48,52 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_dataset(path: str, module: CRNNModule, bad: BadInput) -> LabelledLines:
-    """The labelled lines at ``path`` (a ``gt.txt`` folder or an LMDB directory), in the model's charset, height
-    and channels; malformed entries and empty labels go to ``bad``."""
-    directory = Path(path)
-    args = (module.charset, module.hparams.height, module.hparams.model.get("in_channels", 1))
-    if (directory / GT_FILE).is_file():
-        records, dataset = read_gt(directory, bad), lambda records: FolderLines(records, *args)
-    elif (directory / "data.mdb").is_file():
-        records, dataset = read_lmdb_labels(directory, bad), lambda records: LmdbLines(str(directory), records, *args)
-    else:
-        raise FileNotFoundError(f"{path}: neither a folder with a {GT_FILE} nor an LMDB directory (data.mdb)")
-    kept = []
-    for record in records:
-        if record.label:
-            kept.append(record)
-        else:
-            bad.report("empty_label", record.where, "empty label")
-    return dataset(kept)
-
-
-def read_images(dataset: LabelledLines, indices: range, bad: BadInput) -> list[tuple[int, torch.Tensor]]:
-    """``(index, image tensor)`` for the records at ``indices`` whose image can be read; the others go to ``bad``."""
-    images = []
-    for index in indices:
-        record = dataset.records[index]
-        try:
-            with dataset.open_image(record.key) as image:
-                images.append((index, image_to_tensor(image, dataset.height, dataset.channels)))
-        except FileNotFoundError as err:
-            bad.report("missing_image", record.where, f"image {record.key!r} not found ({err})")
-        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
-            bad.report("unreadable_image", record.where,
-                       f"cannot read image {record.key!r}: {type(err).__name__}: {err}")
-    return images
-
-
 def evaluate(module: CRNNModule, dataset: LabelledLines, bad: BadInput, args: argparse.Namespace,
              total: TextMetrics, errors: list[str]) -> dict[str, float | int]:
     """Metrics of one dataset (also added to ``total``); misread lines appended to ``errors`` as TSV rows."""
     metrics, known = TextMetrics(), set(module.charset.characters)
     lines = unknown = 0
     for start in range(0, len(dataset), args.batch_size):
-        batch = read_images(dataset, range(start, min(start + args.batch_size, len(dataset))), bad)
+        batch = [(index, image) for index in range(start, min(start + args.batch_size, len(dataset)))
+                 if (image := dataset.image(index, bad)) is not None]  # decode failures go to ``bad``
         if not batch:
             continue
-        recognised = recognize(module, [image for _, image in batch], args.decoder, args.beam_width)
+        recognised = recognize(module, [image for _, image in batch], decoder_from_args(args))
         labels = [dataset.records[index].label for index, _ in batch]
         predictions = [text for text, _ in recognised]
         metrics.update(predictions, labels)
@@ -125,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int]]:
     results, total, errors = {}, TextMetrics(), []
     for path in args.datasets:
         bad = BadInput(policy, skip_hint="pass --skip-bad to skip such samples")
-        dataset = open_dataset(path, module, bad)
+        channels, height = module.input_format
+        dataset = open_split(path, module.charset, height, channels, bad,
+                             require_emittable=False)  # the training checks, minus what the model can emit
         try:
             results[path] = evaluate(module, dataset, bad, args, total, errors)
         finally:

@@ -33,10 +33,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crnn.inference import load_recognizer  # noqa: E402
-from data import DIGITS, LineRenderer, collate_lines  # noqa: E402
+from crnn.inference import load_recognizer
+from data import DIGITS, LineRenderer, collate_lines
 
 INPUTS, OUTPUTS = ("images", "widths"), ("log_probs", "lengths")
 
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     """Export and check; returns the exit status (0: onnxruntime agrees with PyTorch within the tolerance)."""
     args = parse_args(argv)
     module = load_recognizer(args.checkpoint, "cpu")
-    channels, height = module.hparams.model.get("in_channels", 1), module.hparams.height
+    channels, height = module.input_format
     export(module.model, args.output, channels, height, args.opset)
     session = onnxruntime.InferenceSession(args.output, providers=["CPUExecutionProvider"])
     images = sample_images(module.charset.characters, channels, height, args.samples, args.seed)

@@ -13,16 +13,13 @@ conversion with the file and line; images and labels are otherwise checked when 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.bad_input import BadInputError  # noqa: E402
-from data.folder import read_gt  # noqa: E402
-from data.labelled import Record  # noqa: E402
-from data.lmdb import write_lmdb  # noqa: E402
+from data.bad_input import BadInputError
+from data.folder import read_gt
+from data.labelled import Record
+from data.lmdb import write_lmdb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

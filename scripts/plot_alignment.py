@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,8 +35,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crnn.decoding import greedy_decode  # noqa: E402
 from crnn.inference import load_recognizer, read_image  # noqa: E402
@@ -95,7 +92,7 @@ def align(module: CRNNModule, image: torch.Tensor, text: str, ctc: str) -> Align
     gamma = ctc_alignment_targets(log_probs, targets, lengths, target_lengths, blank, ctc_loss=CTC[ctc])
     nll = CTC[ctc](log_probs, targets, lengths, target_lengths, blank=blank, reduction="sum").item()
     path = forced_align(log_probs, targets, lengths, target_lengths, blank)[0][0]
-    reading = module.charset.decode(greedy_decode(log_probs, lengths, blank)[0])
+    reading = module.charset.decode(greedy_decode(log_probs, lengths, blank).labels[0])
     return Alignment(log_probs[:, 0].exp().numpy(), gamma[:, 0].numpy(), path.tolist(), reading, nll)
 
 
@@ -116,9 +113,9 @@ def draw(alignment: Alignment, image: torch.Tensor, text: str, charset: Charset,
     axes[0].imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1,
                    extent=(0, width, height, 0), aspect="auto")
     colours = plt.get_cmap("tab10")
-    for k, (token, start, end) in enumerate(path_to_spans(alignment.path, blank)):
-        axes[0].axvspan(start * stride, end * stride, color=colours(k % 10), alpha=0.3, linewidth=0)
-        axes[0].text((start + end) * stride / 2, -1, charset.decode([token]), ha="center", va="bottom",
+    for k, span in enumerate(path_to_spans(alignment.path, blank)):
+        axes[0].axvspan(span.start * stride, span.end * stride, color=colours(k % 10), alpha=0.3, linewidth=0)
+        axes[0].text((span.start + span.end) * stride / 2, -1, charset.decode([span.token]), ha="center", va="bottom",
                      fontsize=12, fontweight="bold", color=colours(k % 10), clip_on=False)
     axes[0].set_yticks([])
     axes[0].set_ylabel("Viterbi\nspans")

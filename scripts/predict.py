@@ -14,15 +14,13 @@ Images are converted and resized to the model's input height with their aspect r
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crnn.inference import add_recognition_arguments, load_recognizer, read_image, recognize, resolve_device  # noqa: E402
+from crnn.inference import load_recognizer, read_image, recognize, resolve_device
+from scripts.options import add_recognition_arguments, decoder_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +54,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     args = parse_args(argv)
     module = load_recognizer(args.checkpoint, resolve_device(args.device))
     paths = [str(path) for path in image_paths(args.inputs)]
+    decoder = decoder_from_args(args)
     results = []
     for start in range(0, len(paths), args.batch_size):
         batch = paths[start : start + args.batch_size]
-        recognised = recognize(module, [read_image(p, module) for p in batch], args.decoder, args.beam_width)
+        recognised = recognize(module, [read_image(p, module) for p in batch], decoder)
         for path, (text, confidence) in zip(batch, recognised):
             print(f"{path}\t{text}\t{confidence:.4g}", flush=True)
             results.append((path, text, confidence))

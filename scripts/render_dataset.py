@@ -13,17 +13,14 @@ is the sample ``i`` of ``SyntheticLines`` with stream seed ``--seed`` (``Synthet
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import KIND_CHARACTERS, Charset, SyntheticLines, make_renderer  # noqa: E402
-from data.folder import write_gt_folder  # noqa: E402
+from data import KIND_CHARACTERS, Charset, SyntheticLines, make_renderer
+from data.folder import write_gt_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

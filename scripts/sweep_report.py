@@ -6,8 +6,8 @@ Reads every run directory below ``MULTIRUN_DIR`` (any folder with a ``.hydra/ove
 
 - ``final_metrics.json`` (written by ``crnn.pipeline.train``): val/test CER and accuracy of the best checkpoint;
 - ``csv/metrics.csv`` (the CSV logger): the ``val/cer`` curve over training steps and, where the
-  ``crnn.sweep_callbacks.FitClock`` callback ran, ``time/fit_seconds`` next to it;
-- ``test_predictions.tsv`` (``crnn.sweep_callbacks.PredictionWriter``), if present: per-character error rates;
+  ``crnn.callbacks.FitClock`` callback ran, ``time/fit_seconds`` next to it;
+- ``test_predictions.tsv`` (``crnn.callbacks.PredictionWriter``), if present: per-character error rates;
 - ``.hydra/overrides.yaml`` and ``.hydra/config.yaml``: what the run varied.
 
 Runs are grouped into *variants* by their overrides minus ``seed`` and minus overrides shared by every run
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from crnn.sweep_callbacks import read_predictions
+from crnn.callbacks import read_predictions
 
 THRESHOLD = 0.05
 

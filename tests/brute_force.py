@@ -74,6 +74,31 @@ def path_entropy(log_probs: torch.Tensor, target: Sequence[int], blank: int) -> 
     return -sum(prob * math.log(prob) for _, prob in _path_posterior(log_probs, target, blank) if prob > 0)
 
 
+def differentiable_nll_entropy(log_probs: torch.Tensor, target: Sequence[int], blank: int):
+    """:func:`ctc_nll` and :func:`path_entropy` as 0-d tensors differentiable w.r.t. ``log_probs`` (its dtype):
+    the same enumeration, summed with torch ops. Without any alignment: ``(inf, 0)``, constants."""
+    num_frames, num_classes = log_probs.shape
+    paths = alignments(num_frames, num_classes, target, blank)
+    if not paths:
+        return torch.tensor(math.inf, dtype=log_probs.dtype), torch.zeros((), dtype=log_probs.dtype)
+    frames = torch.arange(num_frames)
+    scores = torch.stack([log_probs[frames, torch.tensor(path, dtype=torch.long)].sum() for path in paths])
+    log_norm = scores.logsumexp(0)
+    log_posterior = scores - log_norm
+    return -log_norm, -(log_posterior.exp() * log_posterior).sum()
+
+
+def fewest_frames(target: Sequence[int], blank: int) -> int:
+    """Length of the shortest path that collapses to ``target``: the labels, a blank between equal neighbours."""
+    path: list[int] = []
+    for label in target:
+        if path and path[-1] == label:
+            path.append(blank)
+        path.append(label)
+    assert collapse(path, blank) == list(target)
+    return len(path)
+
+
 def state_sequence(path: Sequence[int], blank: int) -> list[int]:
     """Per-frame state in the blank-interleaved target ``(blank, l_1, blank, ..., l_L, blank)``.
 

@@ -3,62 +3,39 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import brute_force as bf
+from conftest import random_batch
 from host_sync import value_reads
+from losses import TokenSpan, required_frames
 from losses.alignment import ctc_alignment_targets, forced_align, path_to_spans
 
-NEG = -1e30  # finite stand-in for -inf in the autograd-convention CTC below
+
+def tiny_batch(seed, blank_last=False, integer=False, **kwargs):
+    """T 1..6, C 2..4, B 1..3, 0..3 labels, input lengths 0..T, junk in the target padding; ``integer``
+    log-probs in {-2, -1, 0} make path scores exact and ties common."""
+    return random_batch(seed, frames=(1, 6), blank_last=blank_last, integer=integer, scale=1.0, **kwargs)
 
 
-def random_batch(rng: random.Random, blank_last: bool, concatenated: bool, integer: bool = False):
-    """Tiny random batch: ``(log_probs (T, B, C) float64, targets, input_lengths, target_lengths, labels, blank)``.
-
-    ``integer`` log-probs are drawn from {-2, -1, 0} so that path scores are exact and ties are common.
-    Padded targets carry junk (valid ids) past each row's length; input lengths vary from 0 to T.
-    """
-    num_frames, num_classes, batch = rng.randint(1, 6), rng.randint(2, 4), rng.randint(1, 3)
-    blank = num_classes - 1 if blank_last else 0
-    classes = [c for c in range(num_classes) if c != blank]
-    labels = [[rng.choice(classes) for _ in range(rng.randint(0, 3))] for _ in range(batch)]
-    input_lengths = [num_frames] + [rng.randint(0, num_frames) for _ in range(batch - 1)]
-    target_lengths = [len(row) for row in labels]
-    if integer:
-        values = [float(rng.choice((-2, -1, 0))) for _ in range(num_frames * batch * num_classes)]
-        log_probs = torch.tensor(values, dtype=torch.float64).reshape(num_frames, batch, num_classes)
-    else:
-        generator = torch.Generator().manual_seed(rng.randrange(2**31))
-        log_probs = torch.randn(num_frames, batch, num_classes, generator=generator, dtype=torch.float64)
-        log_probs = log_probs.log_softmax(-1)
-    if concatenated:
-        targets = torch.tensor([c for row in labels for c in row], dtype=torch.long)
-    else:
-        width = max(target_lengths) + rng.randint(0, 1)
-        rows = [row + [rng.randrange(num_classes)] * (width - len(row)) for row in labels]
-        targets = torch.tensor(rows, dtype=torch.long).reshape(batch, width)
-    return log_probs, targets, input_lengths, target_lengths, labels, blank
-
-
-def assert_matches_viterbi(log_probs, targets, input_lengths, target_lengths, labels, blank, exact_path=True):
+def assert_matches_viterbi(batch, log_probs=None, concatenated=False, exact_path=True):
     """forced_align agrees with brute-force Viterbi: path (if ``exact_path``), per-frame and total scores."""
-    paths, scores = forced_align(log_probs, targets, input_lengths, target_lengths, blank)
+    log_probs, *args = batch.args(log_probs, concatenated)
+    paths, scores = forced_align(log_probs, *args, batch.blank)
     assert paths.shape == scores.shape == (log_probs.shape[1], log_probs.shape[0]) and paths.dtype == torch.long
     assert not scores.isnan().any()
-    for b, target in enumerate(labels):
-        n = input_lengths[b]
-        sample = log_probs[:n, b].double()
-        best_path, best_score = bf.viterbi(sample, target, blank)
+    for b, target in enumerate(batch.labels):
+        n = batch.input_lengths[b]
+        best_path, best_score = bf.viterbi(batch.sample(b, log_probs), target, batch.blank)
         path = paths[b, :n]
-        is_feasible = bf.collapse(best_path, blank) == target
-        assert bf.collapse(path.tolist(), blank) == (target if is_feasible else [])
+        is_feasible = bf.collapse(best_path, batch.blank) == target
+        assert bf.collapse(path.tolist(), batch.blank) == (target if is_feasible else [])
         if exact_path:
             assert path.tolist() == best_path
-        assert (paths[b, n:] == blank).all() and (scores[b, n:] == 0).all()
+        assert (paths[b, n:] == batch.blank).all() and (scores[b, n:] == 0).all()
         frame_scores = log_probs[:n, b].gather(1, path[:, None]).squeeze(1).to(scores.dtype)
         expected = frame_scores if is_feasible else torch.full_like(frame_scores, -math.inf)
         torch.testing.assert_close(scores[b, :n], expected, rtol=0, atol=0)
@@ -69,17 +46,15 @@ def assert_matches_viterbi(log_probs, targets, input_lengths, target_lengths, la
 @pytest.mark.parametrize("blank_last", [False, True])
 @pytest.mark.parametrize("concatenated", [False, True])
 def test_forced_align_matches_brute_force(blank_last, concatenated):
-    rng = random.Random(1000 + 2 * blank_last + concatenated)
-    for _ in range(25):
-        assert_matches_viterbi(*random_batch(rng, blank_last, concatenated))
+    for seed in range(25):
+        assert_matches_viterbi(tiny_batch(1000 + 100 * blank_last + seed, blank_last), concatenated=concatenated)
 
 
 @pytest.mark.parametrize("blank_last", [False, True])
 def test_forced_align_tie_rule_on_exact_ties(blank_last):
     """Integer log-probs make many alignments score exactly the same; the documented rule picks one."""
-    rng = random.Random(7 + blank_last)
-    for _ in range(40):
-        assert_matches_viterbi(*random_batch(rng, blank_last, concatenated=False, integer=True))
+    for seed in range(40):
+        assert_matches_viterbi(tiny_batch(2000 + 100 * blank_last + seed, blank_last, integer=True))
 
 
 def test_tie_rule_by_hand():
@@ -101,13 +76,10 @@ def test_tie_rule_by_hand():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("fill", [-math.inf, -1e30])
 def test_forced_align_survives_extreme_log_probs(dtype, fill):
-    rng = random.Random(99)
-    for _ in range(20):
-        log_probs, *rest = random_batch(rng, blank_last=False, concatenated=False)
-        generator = torch.Generator().manual_seed(rng.randrange(2**31))
-        mask = torch.rand(log_probs.shape, generator=generator) < 0.4
-        log_probs = log_probs.masked_fill(mask, fill).to(dtype)
-        assert_matches_viterbi(log_probs, *rest, exact_path=False)
+    for seed in range(20):
+        batch = tiny_batch(3000 + seed)
+        mask = torch.rand(batch.logits.shape, generator=torch.Generator().manual_seed(seed)) < 0.4
+        assert_matches_viterbi(batch, batch.log_probs.masked_fill(mask, fill).to(dtype), exact_path=False)
 
 
 def test_forced_align_all_minus_inf_gives_a_valid_alignment():
@@ -161,23 +133,61 @@ def test_bad_arguments_raise(function, log_probs, targets, input_lengths, target
 
 
 def test_path_to_spans():
-    assert path_to_spans([0, 3, 3, 0, 3, 5]) == [(3, 1, 3), (3, 4, 5), (5, 5, 6)]
-    assert path_to_spans(torch.tensor([1, 1, 2, 2, 2, 1])) == [(1, 0, 2), (2, 2, 5), (1, 5, 6)]
-    assert path_to_spans([2, 0, 0, 2], blank=2) == [(0, 1, 3)]
+    assert path_to_spans([0, 3, 3, 0, 3, 5]) == [TokenSpan(3, 1, 3, None), TokenSpan(3, 4, 5, None),
+                                                 TokenSpan(5, 5, 6, None)]
+    assert path_to_spans(torch.tensor([1, 1, 2, 2, 2, 1])) == [(1, 0, 2, None), (2, 2, 5, None), (1, 5, 6, None)]
+    assert path_to_spans([2, 0, 0, 2], blank=2) == [(0, 1, 3, None)]
     assert path_to_spans([0, 0]) == [] and path_to_spans([]) == []
+    # scores: each span's score is the sum of its frames' scores; blank frames belong to no span
+    spans = path_to_spans([0, 3, 3, 0, 3, 5], scores=[-8.0, -0.5, -0.25, -4.0, -1.0, -2.0])
+    assert spans == [TokenSpan(3, 1, 3, -0.75), TokenSpan(3, 4, 5, -1.0), TokenSpan(5, 5, 6, -2.0)]
+    assert path_to_spans(torch.tensor([1, 1]), scores=torch.tensor([-1.5, -0.25]))[0].score == -1.75
+    with pytest.raises(ValueError, match="scores"):
+        path_to_spans([0, 1], scores=[0.0])
+
+
+def test_spans_of_forced_alignments_add_up_to_the_path_score():
+    for seed in range(10):
+        batch = tiny_batch(6000 + seed, blank_last=True, integer=True)
+        paths, scores = forced_align(*batch.args(), batch.blank)
+        for b, target in enumerate(batch.labels):
+            n = batch.input_lengths[b]
+            if bf.fewest_frames(target, batch.blank) > n:
+                continue
+            spans = path_to_spans(paths[b, :n], batch.blank, scores=scores[b, :n])
+            assert [span.token for span in spans] == target
+            assert all(span.end > span.start for span in spans)
+            blank_frames = paths[b, :n] == batch.blank
+            total = sum(span.score for span in spans) + scores[b, :n][blank_frames].sum().item()
+            assert total == scores[b, :n].sum().item()  # integer log-probs: exact
+
+
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_required_frames_matches_brute_force(blank_last):
+    """Fewest frames an alignment needs, for padded targets with junk past each length."""
+    for seed in range(20):
+        batch = tiny_batch(7000 + seed, blank_last, max_label_len=6)
+        needed = required_frames(batch.padded(), torch.tensor(batch.target_lengths))
+        assert needed.dtype == torch.long
+        assert needed.tolist() == [bf.fewest_frames(target, batch.blank) for target in batch.labels]
+    # any integer ids, e.g. code points, and lengths as a list; junk past the length is ignored
+    words = ["hello", "aa", "", "abba"]
+    padded = torch.tensor([[ord(c) for c in word.ljust(5, "a")] for word in words])
+    needed = required_frames(padded, [len(word) for word in words])
+    assert needed.tolist() == [bf.fewest_frames([ord(c) for c in word], blank=0) for word in words] == [6, 3, 0, 5]
 
 
 @pytest.mark.parametrize("blank_last", [False, True])
 @pytest.mark.parametrize("concatenated", [False, True])
 def test_alignment_targets_match_brute_force_posteriors(blank_last, concatenated):
-    rng = random.Random(500 + 2 * blank_last + concatenated)
-    for _ in range(15):
-        log_probs, targets, input_lengths, target_lengths, labels, blank = random_batch(rng, blank_last, concatenated)
-        gamma = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths, blank)
+    for seed in range(15):
+        batch = tiny_batch(5000 + 100 * blank_last + seed, blank_last)
+        log_probs = batch.log_probs
+        gamma = ctc_alignment_targets(*batch.args(concatenated=concatenated), batch.blank)
         assert gamma.shape == log_probs.shape and gamma.dtype == torch.float64 and not gamma.requires_grad
-        for b, target in enumerate(labels):
-            n = input_lengths[b]
-            expected = bf.posteriors(log_probs[:n, b], target, blank)
+        for b, target in enumerate(batch.labels):
+            n = batch.input_lengths[b]
+            expected = bf.posteriors(batch.sample(b), target, batch.blank)
             torch.testing.assert_close(gamma[:n, b], expected, rtol=0, atol=1e-10)
             assert (gamma[n:, b] == 0).all()
 
@@ -208,24 +218,14 @@ def test_alignment_cross_entropy_has_the_ctc_gradient():
     torch.testing.assert_close(ce_grad, ctc_grad, rtol=0, atol=1e-10)
 
 
-def autograd_ctc(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="sum", zero_infinity=False):
-    """Log-space CTC forward in float64 whose autograd gradient w.r.t. log_probs is -γ (not exp(lp) - γ)."""
-    assert reduction in ("sum", "none")
-    losses = []
-    for b in range(log_probs.shape[1]):
-        states = [blank]
-        for label in targets[b, : target_lengths[b]].tolist():
-            states += [label, blank]
-        can_skip = torch.tensor([s >= 2 and z != blank and z != states[s - 2] for s, z in enumerate(states)])
-        alpha = torch.tensor([0.0] + [NEG] * (len(states) - 1), dtype=torch.float64)  # virtual frame -1
-        for t in range(int(input_lengths[b])):
-            previous = torch.cat([alpha.new_full((1,), NEG), alpha])[: len(states)]
-            skip = torch.where(can_skip, torch.cat([alpha.new_full((2,), NEG), alpha])[: len(states)], NEG)
-            alpha = torch.logsumexp(torch.stack([alpha, previous, skip]), 0) + log_probs[t, b, states]
-        nll = -torch.logsumexp(alpha[-2:] if len(states) > 1 else alpha, 0)
-        losses.append(nll * 0 if zero_infinity and nll > -NEG / 2 else nll)
-    losses = torch.stack(losses)
-    return losses.sum() if reduction == "sum" else losses
+def enumerated_ctc(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="none", zero_infinity=False):
+    """CTC by exhaustive enumeration, differentiable (``brute_force``): its autograd gradient w.r.t. log_probs is
+    -γ, not the built-in's exp(lp) - γ. ``reduction="none"`` only, as ``ctc_alignment_targets`` calls it."""
+    assert reduction == "none" and not zero_infinity
+    return torch.stack([
+        bf.differentiable_nll_entropy(log_probs[:n, b], targets[b, :length].tolist(), blank)[0]
+        for b, (n, length) in enumerate(zip(input_lengths.tolist(), target_lengths.tolist()))
+    ])
 
 
 def test_both_gradient_conventions_give_the_same_targets():
@@ -234,7 +234,7 @@ def test_both_gradient_conventions_give_the_same_targets():
     input_lengths, target_lengths = [7, 5, 4, 3], [3, 1, 3, 2]  # sample 2 is infeasible
     arguments = (log_probs, targets, input_lengths, target_lengths)
     builtin = ctc_alignment_targets(*arguments, ctc_loss=lambda lp, *a, **k: F.ctc_loss(lp, *a, **k))
-    autograd = ctc_alignment_targets(*arguments, ctc_loss=autograd_ctc)
+    autograd = ctc_alignment_targets(*arguments, ctc_loss=enumerated_ctc)
     torch.testing.assert_close(autograd, builtin, rtol=0, atol=1e-10)
     torch.testing.assert_close(builtin[:, 0], bf.posteriors(log_probs[:, 0], [1, 2, 2], 0), rtol=0, atol=1e-10)
 
@@ -252,11 +252,11 @@ def test_no_host_sync_per_time_step(function):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    rng = random.Random(11)
-    for _ in range(10):
-        log_probs, targets, input_lengths, target_lengths, _, blank = random_batch(rng, True, concatenated=True)
-        cpu_args = (log_probs, targets, input_lengths, target_lengths, blank)
-        cuda_args = (log_probs.cuda(), targets.cuda(), input_lengths, target_lengths, blank)
+    for seed in range(10):
+        batch = tiny_batch(11000 + seed, blank_last=True)
+        log_probs, targets, input_lengths, target_lengths = batch.args(concatenated=True)
+        cpu_args = (log_probs, targets, input_lengths, target_lengths, batch.blank)
+        cuda_args = (log_probs.cuda(), targets.cuda(), input_lengths, target_lengths, batch.blank)
         for expected, actual in zip(forced_align(*cpu_args), forced_align(*cuda_args)):
             torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=0)
         torch.testing.assert_close(ctc_alignment_targets(*cuda_args).cpu(), ctc_alignment_targets(*cpu_args))

@@ -66,3 +66,24 @@ def test_viterbi_tie_rule():
     # The label scores 1 at the last frame: (0,0,1), (0,1,1), (1,1,1) tie at 1; largest reversed states (1,1,1).
     log_probs = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     assert bf.viterbi(log_probs, [1], blank=0) == ([1, 1, 1], 1.0)
+
+
+def test_differentiable_nll_entropy_by_hand():
+    log_probs = PROBS.log().requires_grad_()
+    nll, entropy = bf.differentiable_nll_entropy(log_probs, [1], blank=0)
+    assert nll.item() == pytest.approx(-math.log(0.72))
+    assert entropy.item() == pytest.approx(bf.path_entropy(PROBS.log(), [1], blank=0))
+    # d nll / d log_probs[t, c] = -P(path_t = c | target), the posteriors
+    (grad,) = torch.autograd.grad(nll, log_probs)
+    torch.testing.assert_close(grad, -bf.posteriors(PROBS.log(), [1], blank=0))
+    nll, entropy = bf.differentiable_nll_entropy(PROBS.log(), [1, 1], blank=0)
+    assert nll.item() == math.inf and entropy.item() == 0.0
+
+
+def test_fewest_frames_is_the_shortest_alignment():
+    assert bf.fewest_frames([], blank=0) == 0
+    assert bf.fewest_frames([1, 1, 2, 2, 2, 1], blank=0) == 9
+    assert bf.fewest_frames([0, 0], blank=2) == 3
+    for target in ([1], [1, 2], [1, 1], [2, 1, 1], [1, 1, 1]):
+        shortest = bf.fewest_frames(target, blank=0)
+        assert bf.alignments(shortest, 3, target, blank=0) and not bf.alignments(shortest - 1, 3, target, blank=0)

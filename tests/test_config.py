@@ -1,35 +1,26 @@
 """Every option of every config group composes and instantiates; bad choices list the valid ones."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+import yaml
 from hydra.errors import MissingConfigException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import Callback, EarlyStopping
 
+import crnn.callbacks
 from crnn.pipeline import build_module, instantiate_dict
 from data import write_lmdb
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from conftest import ROOT, compose_train, load_script
+from conftest import config_options as options
+
 GROUPS = ("model", "loss", "data", "decoder", "trainer", "callbacks", "logger", "debug", "experiment")
 # Small synthetic splits, so that a composed data module can be set up and batched in well under a second.
 SMALL_DATA = ("data.train_size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4", "data.num_workers=0")
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_train(*overrides: str, output_dir: Path = Path("/tmp/unused")) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
 def test_groups_have_the_expected_options():
@@ -47,7 +38,7 @@ def test_groups_have_the_expected_options():
 def test_defaults():
     cfg = compose_train()
     assert cfg.data.kind == "digits" and cfg.model._target_ == "crnn.model.CRNN"
-    assert cfg.loss._target_ == "losses.CTCLoss" and cfg.decoder._target_ == "crnn.decoders.GreedyDecoder"
+    assert cfg.loss._target_ == "losses.CTCLoss" and cfg.decoder._target_ == "crnn.decoding.GreedyDecoder"
     assert cfg.trainer.accelerator == "auto" and cfg.optimized_metric == "val/cer"
     assert set(cfg.callbacks) >= {"model_checkpoint", "early_stopping", "lr_monitor", "progress_bar"}
     assert set(cfg.logger) == {"csv"}
@@ -73,9 +64,7 @@ def test_loss_options_build_and_run(option):
 @pytest.fixture(scope="module")
 def tiny_datasets(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """Eight rendered digit lines per split as gt.txt folders (scripts/render_dataset.py) and as LMDB."""
-    spec = importlib.util.spec_from_file_location("render_dataset", ROOT / "scripts" / "render_dataset.py")
-    render_dataset = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_dataset)
+    render_dataset = load_script("render_dataset")
     root = tmp_path_factory.mktemp("tiny")
     dirs = {"folder": {}, "lmdb": {}}
     for seed, split in enumerate(("train", "val", "test")):
@@ -116,7 +105,8 @@ def test_decoder_options_decode(option):
     decoder = instantiate(compose_train(f"decoder={option}").decoder)
     log_probs = torch.full((4, 1, 3), -10.0)
     log_probs[[0, 1, 2, 3], 0, [1, 0, 1, 2]] = 0.0
-    assert decoder(log_probs, torch.tensor([4]), 0) == [[1, 1, 2]]
+    labels, scores = decoder(log_probs, torch.tensor([4]), 0)
+    assert labels == [[1, 1, 2]] and scores.shape == (1,) and scores.item() <= 0.0
 
 
 @pytest.mark.parametrize("option", options("trainer"))
@@ -130,7 +120,7 @@ def test_trainer_options_compose(option):
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callback_options_instantiate(option, tmp_path):
     callbacks = instantiate_dict(compose_train(f"callbacks={option}", output_dir=tmp_path).callbacks)
-    assert callbacks and all(hasattr(cb, "on_train_start") for cb in callbacks)
+    assert callbacks and all(isinstance(cb, Callback) for cb in callbacks)
 
 
 @pytest.mark.parametrize("option", options("logger"))
@@ -208,3 +198,14 @@ def test_cli_unknown_choice_and_help():
     help_text = _run_train("--help").stdout
     for group in GROUPS:
         assert f"{group}: " in help_text
+
+
+def test_every_callback_class_has_a_config():
+    """One config node per callback: each Callback of crnn/callbacks.py is the target of a conf/callbacks/*.yaml."""
+    classes = {name for name in crnn.callbacks.__all__ if isinstance(getattr(crnn.callbacks, name), type)}
+    targets = set()
+    for path in (ROOT / "conf" / "callbacks").glob("*.yaml"):
+        for node in (yaml.safe_load(path.read_text()) or {}).values():
+            if isinstance(node, dict) and str(node.get("_target_", "")).startswith("crnn.callbacks."):
+                targets.add(node["_target_"].removeprefix("crnn.callbacks."))
+    assert classes == targets

@@ -1,32 +1,24 @@
 """Pure-PyTorch CTC (`losses.ctc_loss`) against the built-in F.ctc_loss, exhaustive enumeration and gradcheck."""
 
+import dataclasses
+
 import brute_force
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_batch
 from host_sync import value_reads
 from losses import PythonCTCLoss, ctc_alignment_targets, ctc_loss
 
 MODES = ["alpha_beta", "autograd"]
 
 
-def random_batch(seed, frames=30, batch=6, classes=7, max_target=9, blank=0, dtype=torch.float64, repeats=True):
-    """Logits (T, B, C) and padded targets with varied lengths; junk (not blank) in the padding."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(frames, batch, classes, generator=gen, dtype=dtype) * 2
-    input_lengths = torch.randint(max_target * 2, frames + 1, (batch,), generator=gen)
-    input_lengths[0] = frames
-    target_lengths = torch.randint(0, max_target + 1, (batch,), generator=gen)
-    labels = [c for c in range(classes) if c != blank]
-    targets = torch.tensor(labels)[torch.randint(0, len(labels), (batch, max_target), generator=gen)]
-    if repeats:
-        targets[1, 1:4] = targets[1, 0]  # runs of a repeated label need blanks between them
-    return logits, targets, input_lengths, target_lengths
-
-
-def concatenated(targets, target_lengths):
-    return torch.cat([row[:length] for row, length in zip(targets, target_lengths)])
+def ctc_batch(seed, frames=30, batch=6, classes=7, max_label_len=9, **kwargs):
+    """A mid-sized feasible batch: varied lengths (every input at least 1 frame), a run of repeated labels,
+    junk in the target padding; logits ``2 * randn``."""
+    return random_batch(seed, frames=frames, batch=batch, classes=classes, max_label_len=max_label_len,
+                        feasible=True, min_input_length=1, repeats=True, scale=2.0, **kwargs)
 
 
 def loss_and_logit_grad(loss_fn, logits, *args, **kwargs):
@@ -38,56 +30,49 @@ def loss_and_logit_grad(loss_fn, logits, *args, **kwargs):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("blank", [0, 6])
+@pytest.mark.parametrize("blank_last", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("target_format", ["padded", "concatenated"])
-def test_matches_builtin_float64(mode, blank, reduction, target_format):
+def test_matches_builtin_float64(mode, blank_last, reduction, target_format):
     for seed in range(3):
-        logits, targets, input_lengths, target_lengths = random_batch(seed, blank=blank)
-        if target_format == "concatenated":
-            targets = concatenated(targets, target_lengths)
-        args = (targets, input_lengths, target_lengths)
-        expected, expected_grad = loss_and_logit_grad(F.ctc_loss, logits, *args, blank=blank, reduction=reduction)
-        got, grad = loss_and_logit_grad(ctc_loss, logits, *args, blank=blank, reduction=reduction, backward=mode)
+        batch = ctc_batch(seed, blank_last=blank_last)
+        args = batch.args(concatenated=target_format == "concatenated")[1:]
+        kwargs = dict(blank=batch.blank, reduction=reduction)
+        expected, expected_grad = loss_and_logit_grad(F.ctc_loss, batch.logits, *args, **kwargs)
+        got, grad = loss_and_logit_grad(ctc_loss, batch.logits, *args, backward=mode, **kwargs)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_builtin_float32_long_sequences(mode):
-    logits, targets, input_lengths, target_lengths = random_batch(7, frames=120, batch=8, classes=20, max_target=40,
-                                                                  dtype=torch.float32)
-    args = (targets, input_lengths, target_lengths)
-    expected, expected_grad = loss_and_logit_grad(F.ctc_loss, logits, *args, reduction="none")
-    got, grad = loss_and_logit_grad(ctc_loss, logits, *args, reduction="none", backward=mode)
+    batch = ctc_batch(7, frames=120, batch=8, classes=20, max_label_len=40, dtype=torch.float32)
+    args = batch.args()[1:]
+    expected, expected_grad = loss_and_logit_grad(F.ctc_loss, batch.logits, *args, reduction="none")
+    got, grad = loss_and_logit_grad(ctc_loss, batch.logits, *args, reduction="none", backward=mode)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("blank", [0, 3])
-def test_matches_brute_force_enumeration(mode, blank):
-    gen = torch.Generator().manual_seed(blank)
-    for trial in range(15):
-        frames, classes = 5, 4
-        log_probs = torch.randn(frames, 3, classes, generator=gen, dtype=torch.float64).log_softmax(-1)
-        labels = [c for c in range(classes) if c != blank]
-        targets = torch.tensor(labels)[torch.randint(0, 3, (3, 3), generator=gen)]
-        target_lengths = torch.randint(0, 4, (3,), generator=gen)
-        input_lengths = torch.tensor([5, 4, 3])
-        got = ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, reduction="none", backward=mode)
-        for b in range(3):
-            expected = brute_force.ctc_nll(log_probs[: input_lengths[b], b], targets[b, : target_lengths[b]].tolist(), blank)
-            assert got[b].item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (trial, b)
+@pytest.mark.parametrize("blank_last", [False, True])
+def test_matches_brute_force_enumeration(mode, blank_last):
+    for seed in range(15):
+        batch = random_batch(100 * blank_last + seed, frames=5, classes=4, batch=3, blank_last=blank_last)
+        got = ctc_loss(*batch.args(), blank=batch.blank, reduction="none", backward=mode)
+        for b, target in enumerate(batch.labels):
+            expected = brute_force.ctc_nll(batch.sample(b), target, batch.blank)
+            assert got[b].item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (seed, b)
 
 
 def test_autograd_mode_gradcheck_and_gradgradcheck():
-    logits, targets, input_lengths, target_lengths = random_batch(3, frames=8, batch=3, classes=4, max_target=3)
-    logits.requires_grad_()
+    batch = ctc_batch(3, frames=8, batch=3, classes=4, max_label_len=3)
+    _, targets, input_lengths, target_lengths = batch.args()
 
     def loss(x):
         return ctc_loss(x.log_softmax(-1), targets, input_lengths, target_lengths, reduction="none", backward="autograd")
 
+    logits = batch.logits.detach().requires_grad_()
     assert torch.autograd.gradcheck(loss, (logits,))
     assert torch.autograd.gradgradcheck(loss, (logits,))
 
@@ -95,21 +80,21 @@ def test_autograd_mode_gradcheck_and_gradgradcheck():
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_on_raw_log_probs(mode):
     """The true gradient w.r.t. unnormalised log_probs (-gamma), not the built-in's exp(lp) - gamma convention."""
-    logits, targets, input_lengths, target_lengths = random_batch(4, frames=7, batch=3, classes=4, max_target=3)
-    log_probs = logits.log_softmax(-1).detach().requires_grad_()
+    batch = ctc_batch(4, frames=7, batch=3, classes=4, max_label_len=3)
+    log_probs, targets, input_lengths, target_lengths = batch.args()
 
     def loss(x):
         return ctc_loss(x, targets, input_lengths, target_lengths, reduction="sum", backward=mode)
 
-    assert torch.autograd.gradcheck(loss, (log_probs,))
+    assert torch.autograd.gradcheck(loss, (log_probs.detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_gradient_beyond_input_length(mode):
-    logits, targets, input_lengths, target_lengths = random_batch(5)
-    log_probs = logits.log_softmax(-1).requires_grad_()
-    ctc_loss(log_probs, targets, input_lengths, target_lengths, backward=mode).backward()
-    for b, length in enumerate(input_lengths):
+    batch = ctc_batch(5)
+    log_probs = batch.log_probs.requires_grad_()
+    ctc_loss(*batch.args(log_probs), backward=mode).backward()
+    for b, length in enumerate(batch.input_lengths):
         assert torch.all(log_probs.grad[length:, b] == 0)
         assert torch.any(log_probs.grad[:length, b] != 0)
 
@@ -158,9 +143,8 @@ def test_zero_length_targets_and_inputs(mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_extreme_log_probs_never_nan(mode, dtype):
     """-inf and -1e30 log-probs (where the built-in can return NaN) give finite or inf losses, never NaN."""
-    logits, targets, input_lengths, target_lengths = random_batch(6, frames=12, batch=4, classes=5, max_target=4,
-                                                                  dtype=dtype)
-    log_probs = logits.log_softmax(-1)
+    batch = ctc_batch(6, frames=12, batch=4, classes=5, max_label_len=4, dtype=dtype)
+    log_probs, targets, input_lengths, target_lengths = batch.args()
     log_probs[:, 0, 2] = float("-inf")  # a class some targets need, on every frame
     log_probs[3:, 1, :] = -1e30  # every class nearly impossible on later frames
     log_probs[:, 2, 0] = float("-inf")  # the blank never allowed
@@ -174,10 +158,10 @@ def test_extreme_log_probs_never_nan(mode, dtype):
 
 
 def test_extreme_log_probs_match_builtin_when_it_is_finite():
-    logits, targets, input_lengths, target_lengths = random_batch(8, frames=12, batch=4, classes=5, max_target=4)
-    log_probs = logits.log_softmax(-1)
-    log_probs[:, :, 3] = float("-inf")  # a class no target uses below
-    targets[targets == 3] = 1
+    batch = ctc_batch(8, frames=12, batch=4, classes=5, max_label_len=4)
+    batch = dataclasses.replace(batch, labels=[[1 if c == 3 else c for c in row] for row in batch.labels])
+    log_probs, targets, input_lengths, target_lengths = batch.args()
+    log_probs[:, :, 3] = float("-inf")  # a class no target uses
     expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none")
     for mode in MODES:
         got = ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none", backward=mode)
@@ -187,8 +171,8 @@ def test_extreme_log_probs_match_builtin_when_it_is_finite():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_computed_in_float32(mode, dtype):
-    logits, targets, input_lengths, target_lengths = random_batch(9, dtype=torch.float32)
-    log_probs = logits.log_softmax(-1).to(dtype)
+    batch = ctc_batch(9, dtype=torch.float32)
+    log_probs, targets, input_lengths, target_lengths = batch.args(batch.log_probs.to(dtype))
     leaf = log_probs.clone().requires_grad_()
     loss = ctc_loss(leaf, targets, input_lengths, target_lengths, backward=mode)
     loss.backward()
@@ -200,8 +184,7 @@ def test_half_precision_inputs_computed_in_float32(mode, dtype):
 @pytest.mark.parametrize("mode", MODES)
 def test_alignment_targets_agree_with_builtin(mode):
     """gamma read off this implementation's gradient equals the one read off the built-in's."""
-    logits, targets, input_lengths, target_lengths = random_batch(10)
-    log_probs = logits.log_softmax(-1)
+    log_probs, targets, input_lengths, target_lengths = ctc_batch(10).args()
     expected = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths)
     ours = lambda *a, **k: ctc_loss(*a, backward=mode, **k)  # noqa: E731
     got = ctc_alignment_targets(log_probs, targets, input_lengths, target_lengths, ctc_loss=ours)
@@ -223,17 +206,16 @@ def test_no_host_sync_per_time_step(mode):
     """Forward and backward read tensor values back to Python (a host sync on CUDA) a fixed number of times,
     however many frames the loop runs: argument checks only, nothing per step."""
 
-    def forward_backward(frames):
-        logits, targets, input_lengths, target_lengths = random_batch(13, frames=frames, max_target=3)
-        logits.requires_grad_()
-        ctc_loss(logits.log_softmax(-1), targets, input_lengths, target_lengths, backward=mode).backward()
+    def forward_backward(batch):
+        logits = batch.logits.requires_grad_()
+        ctc_loss(*batch.args(logits.log_softmax(-1)), backward=mode).backward()
 
-    assert value_reads(lambda: forward_backward(8)) == value_reads(lambda: forward_backward(40))
+    short, long = ctc_batch(13, frames=8, max_label_len=3), ctc_batch(13, frames=40, max_label_len=3)
+    assert value_reads(lambda: forward_backward(short)) == value_reads(lambda: forward_backward(long))
 
 
 def test_module_wraps_function():
-    logits, targets, input_lengths, target_lengths = random_batch(11)
-    log_probs = logits.log_softmax(-1)
+    log_probs, targets, input_lengths, target_lengths = ctc_batch(11).args()
     for mode in MODES:
         module = PythonCTCLoss(blank=0, reduction="sum", zero_infinity=True, backward=mode)
         expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="sum", zero_infinity=True)
@@ -241,8 +223,7 @@ def test_module_wraps_function():
 
 
 def test_accepts_python_lists_for_lengths():
-    logits, targets, input_lengths, target_lengths = random_batch(12)
-    log_probs = logits.log_softmax(-1)
+    log_probs, targets, input_lengths, target_lengths = ctc_batch(12).args()
     expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths)
     torch.testing.assert_close(ctc_loss(log_probs, targets, input_lengths.tolist(), target_lengths.tolist()), expected)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_batch
 from crnn.model import CRNN
 from losses import FocalCTCLoss, MaxEntropyCTCLoss, ReweightedCTCLoss, SmoothedCTCLoss, ctc_loss
 
@@ -16,14 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 MODES = ["alpha_beta", "autograd"]
 
 
-def batch(frames=40, size=5, classes=7, seed=0):
-    """float64 logits (T, B, C) on the CPU, padded targets (never blank 0), varied lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(frames, size, classes, generator=gen, dtype=torch.float64) * 2
-    targets = torch.randint(1, classes, (size, 8), generator=gen)
-    input_lengths = torch.tensor([frames, frames - 3, frames - 10, 20, frames][:size])
-    target_lengths = torch.tensor([8, 5, 0, 3, 7][:size])
-    return logits, targets, input_lengths, target_lengths
+def batch(frames=40, seed=0):
+    """float64 logits (T, B, C) on the CPU, then padded targets (blank 0, junk in the padding) and lengths of a
+    feasible batch with B = 5, C = 7, up to 8 labels."""
+    made = random_batch(seed, frames=frames, batch=5, classes=7, max_label_len=8, feasible=True, min_input_length=1,
+                        repeats=True, scale=2.0)
+    return made.logits, *made.args()[1:]
 
 
 def value_and_grad(loss_fn, logits, *args):

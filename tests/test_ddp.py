@@ -3,26 +3,20 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from crnn.callbacks import read_predictions
 from crnn.module import CRNNModule
-from crnn.sweep_callbacks import read_predictions
-from data.datamodule import EpochSampler, SyntheticDataModule, shard_indices
+from data import EpochSampler, SyntheticDataModule
+from data.batching import shard_indices
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_train(*overrides: str, output_dir: Path = Path("/tmp/unused")):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+from conftest import ROOT, compose_train
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 101])
@@ -136,7 +130,7 @@ def test_cli_ddp_cpu_run(tmp_path):
     single-process validation of the saved best checkpoint, and the test predictions cover every line once."""
     overrides = ["model=crnn_small", "trainer.max_epochs=2", "data.train_size=64", "data.val_size=33",
                  "data.test_size=21", "data.batch_size=8", "callbacks.progress_bar.refresh_rate=0",
-                 "+callbacks.prediction_writer._target_=crnn.sweep_callbacks.PredictionWriter",
+                 "+callbacks.prediction_writer._target_=crnn.callbacks.PredictionWriter",
                  f"+callbacks.prediction_writer.dirpath={tmp_path}"]
     result = subprocess.run([sys.executable, "train.py", "trainer=ddp_cpu", *overrides, f"hydra.run.dir={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)

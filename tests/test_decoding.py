@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crnn.decoders import BeamSearchDecoder
-from crnn.decoding import beam_search, greedy_decode
+from crnn.decoding import BeamSearchDecoder, Decoded, GreedyDecoder, beam_search, greedy_decode
 from crnn.module import CRNNModule
 from host_sync import value_reads
 
@@ -77,13 +76,13 @@ def random_log_probs(shape, seed, scale=2.0, dtype=torch.float64):
 
 def test_greedy_collapses_repeats_and_drops_blanks():
     log_probs = peaky([1, 1, 0, 1, 2, 2, 0, 0, 3], num_classes=4)
-    assert greedy_decode(log_probs, torch.tensor([9])) == [[1, 1, 2, 3]]
+    assert greedy_decode(log_probs, torch.tensor([9])).labels == [[1, 1, 2, 3]]
 
 
 def test_greedy_respects_lengths_and_blank_index():
     log_probs = torch.cat([peaky([2, 1, 1, 0, 2], 3), peaky([0, 0, 1, 2, 2], 3)], dim=1)
-    assert greedy_decode(log_probs, torch.tensor([3, 5]), blank=2) == [[1], [0, 1]]
-    assert greedy_decode(log_probs, torch.tensor([0, 2]), blank=2) == [[], [0]]
+    assert greedy_decode(log_probs, torch.tensor([3, 5]), blank=2).labels == [[1], [0, 1]]
+    assert greedy_decode(log_probs, torch.tensor([0, 2]), blank=2).labels == [[], [0]]
 
 
 @pytest.mark.parametrize("blank", [0, 3])
@@ -91,7 +90,32 @@ def test_greedy_matches_per_frame_argmax(blank):
     log_probs = random_log_probs((12, 6, 5), seed=1)
     lengths = torch.tensor([12, 0, 1, 7, 12, 3])
     expected = [collapse(log_probs[:n, b].argmax(-1).tolist(), blank) for b, n in enumerate(lengths.tolist())]
-    assert greedy_decode(log_probs, lengths, blank=blank) == expected
+    assert greedy_decode(log_probs, lengths, blank=blank).labels == expected
+
+
+@pytest.mark.parametrize("blank", [0, 2])
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_score_is_the_best_paths_log_prob(blank, seed):
+    """The score is the largest path log-prob of all ``C**T`` paths (brute force), which collapses to the labels."""
+    log_probs = random_log_probs((4, 3, 3), seed=seed)
+    lengths = torch.tensor([4, 2, 0])
+    labellings, scores = greedy_decode(log_probs, lengths, blank=blank)
+    assert scores.dtype == torch.float64 and scores.shape == (3,)
+    for b, length in enumerate(lengths.tolist()):
+        rows = log_probs[:length, b].tolist()
+        paths = {path: sum(rows[t][c] for t, c in enumerate(path))
+                 for path in itertools.product(range(3), repeat=length)}
+        best = max(paths, key=paths.get)
+        assert scores[b].item() == pytest.approx(paths[best], abs=1e-12)
+        assert labellings[b] == collapse(best, blank)
+
+
+def test_greedy_score_of_half_input_is_float32():
+    log_probs = random_log_probs((5, 2, 4), seed=0, dtype=torch.float32)
+    _, scores = greedy_decode(log_probs.half(), torch.tensor([5, 3]))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, log_probs.half().float().amax(-1).masked_fill(
+        torch.arange(5)[:, None] >= torch.tensor([5, 3]), 0.0).sum(0))
 
 
 # ---------------------------------------------------------------- beam search
@@ -194,7 +218,7 @@ def test_survives_huge_negative_log_probs_and_half_precision():
 def test_narrow_beam_agrees_with_greedy_on_peaky_input():
     log_probs = random_log_probs((32, 64, 11), seed=5, scale=5.0, dtype=torch.float32)
     lengths = torch.randint(1, 33, (64,), generator=torch.Generator().manual_seed(0))
-    greedy = greedy_decode(log_probs, lengths)
+    greedy = greedy_decode(log_probs, lengths).labels
     labellings, _ = beam_search(log_probs, lengths, beam_width=10)
     agreement = sum(g == b for g, b in zip(greedy, labellings)) / len(greedy)
     assert agreement > 0.8
@@ -204,7 +228,8 @@ def test_empty_batch_and_zero_frames():
     assert beam_search(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.int64))[0] == []
     labellings, scores = beam_search(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64))
     assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
-    assert greedy_decode(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64)) == [[], []]
+    labellings, scores = greedy_decode(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64))
+    assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("decode", [greedy_decode, beam_search], ids=["greedy", "beam"])
@@ -215,6 +240,27 @@ def test_no_host_sync_per_time_step(decode):
         decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+# ---------------------------------------------------------------- decoder objects
+
+
+@pytest.mark.parametrize("decoder", [GreedyDecoder(), BeamSearchDecoder(beam_width=3)], ids=repr)
+def test_decoder_objects_return_the_functions_labels_and_scores(decoder):
+    log_probs = random_log_probs((9, 4, 5), seed=2)
+    lengths = torch.tensor([9, 5, 1, 0])
+    decoded = decoder(log_probs, lengths, blank=1)
+    if isinstance(decoder, GreedyDecoder):
+        expected = greedy_decode(log_probs, lengths, blank=1)
+    else:
+        expected = beam_search(log_probs, lengths, beam_width=3, blank=1)
+    assert isinstance(decoded, Decoded) and decoded.labels == expected.labels
+    torch.testing.assert_close(decoded.scores, expected.scores)
+
+
+def test_beam_decoder_rejects_a_width_below_one_when_built():
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchDecoder(beam_width=0)
 
 
 # ---------------------------------------------------------------- through the LightningModule
@@ -245,4 +291,6 @@ def test_cuda_matches_cpu():
     cuda = beam_search(log_probs.cuda(), lengths.cuda(), beam_width=8, blank=3)
     assert cuda[0] == cpu[0]
     torch.testing.assert_close(cuda[1].cpu(), cpu[1])
-    assert greedy_decode(log_probs.cuda(), lengths.cuda()) == greedy_decode(log_probs, lengths)
+    greedy_cpu, greedy_cuda = greedy_decode(log_probs, lengths), greedy_decode(log_probs.cuda(), lengths.cuda())
+    assert greedy_cuda.labels == greedy_cpu.labels
+    torch.testing.assert_close(greedy_cuda.scores.cpu(), greedy_cpu.scores)

@@ -2,22 +2,22 @@
 
 Expected values never come from the code under test: they are computed here from
 ``torch.nn.functional.ctc_loss`` (built-in CTC, focal), from the exhaustive enumeration in ``brute_force``
-(posteriors, path entropy, negative log-likelihood), or from a differentiable enumeration written
-below on top of ``brute_force.alignments`` (exact gradients of the path entropy).
+(posteriors, path entropy, negative log-likelihood, and, differentiable, exact gradients of both). Reduced
+losses are checked against the per-sample ones combined with weights read off ``F.ctc_loss`` itself
+(:func:`ctc_reduction_weights`), so the reduction rule is nowhere written out here.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import brute_force as bf
+from conftest import Batch, random_batch
 from losses import (
     CTCLoss,
     FocalCTCLoss,
@@ -32,90 +32,8 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tiny random batches and hand-written references
+# Fixed batches (random ones: conftest.random_batch) and hand-written references
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    logits: torch.Tensor  # (T, B, C) float64, unnormalised
-    labels: list[list[int]]
-    input_lengths: list[int]
-    blank: int
-
-    @property
-    def log_probs(self) -> torch.Tensor:
-        return self.logits.log_softmax(-1)
-
-    @property
-    def target_lengths(self) -> list[int]:
-        return [len(row) for row in self.labels]
-
-    @property
-    def num_classes(self) -> int:
-        return self.logits.shape[2]
-
-    def padded(self, extra: int = 1) -> torch.Tensor:
-        """(B, S) labels padded with junk (valid, non-blank where possible) ids past each row's length."""
-        width = max(self.target_lengths + [0]) + extra
-        filler = (self.blank + 1) % self.num_classes
-        rows = [row + [filler] * (width - len(row)) for row in self.labels]
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
-
-    def concatenated(self) -> torch.Tensor:
-        return torch.tensor([c for row in self.labels for c in row], dtype=torch.long)
-
-    def args(self, log_probs: torch.Tensor | None = None, concatenated: bool = False):
-        """``F.ctc_loss``'s positional tensors."""
-        log_probs = self.log_probs if log_probs is None else log_probs
-        targets = self.concatenated() if concatenated else self.padded()
-        return (
-            log_probs,
-            targets,
-            torch.tensor(self.input_lengths, dtype=torch.long),
-            torch.tensor(self.target_lengths, dtype=torch.long),
-        )
-
-    def sample(self, b: int, log_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """(T_b, C) log-probs of sample ``b`` (its valid frames only)."""
-        log_probs = self.log_probs if log_probs is None else log_probs
-        return log_probs[: self.input_lengths[b], b]
-
-
-def needed_frames(labels: list[int]) -> int:
-    return len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
-
-
-def random_batch(
-    seed: int,
-    blank_last: bool = False,
-    feasible: bool = False,
-    max_frames: int = 5,
-    max_classes: int = 4,
-    max_batch: int = 3,
-    max_label_len: int = 3,
-    requires_grad: bool = False,
-) -> Batch:
-    """Tiny float64 batch; input lengths vary (0 .. T), targets may be empty or repeat labels.
-
-    ``feasible``: every sample has an alignment (input_length >= labels + repeats).
-    """
-    rng = random.Random(seed)
-    num_classes = rng.randint(2, max_classes)
-    blank = num_classes - 1 if blank_last else 0
-    classes = [c for c in range(num_classes) if c != blank]
-    batch = rng.randint(1, max_batch)
-    labels = [[rng.choice(classes) for _ in range(rng.randint(0, max_label_len))] for _ in range(batch)]
-    num_frames = rng.randint(1, max_frames)
-    if feasible:
-        num_frames = max(num_frames, max(needed_frames(row) for row in labels))
-        input_lengths = [rng.randint(needed_frames(row), num_frames) for row in labels]
-        input_lengths[0] = num_frames
-    else:
-        input_lengths = [num_frames] + [rng.randint(0, num_frames) for _ in range(batch - 1)]
-    generator = torch.Generator().manual_seed(rng.randrange(2**31))
-    logits = 1.5 * torch.randn(num_frames, batch, num_classes, generator=generator, dtype=torch.float64)
-    return Batch(logits.requires_grad_(requires_grad), labels, input_lengths, blank)
 
 
 def fixed_batch(requires_grad: bool = False, blank: int = 0) -> Batch:
@@ -128,14 +46,35 @@ def fixed_batch(requires_grad: bool = False, blank: int = 0) -> Batch:
     return Batch(logits.requires_grad_(requires_grad), labels, [5, 4, 3, 2], blank)
 
 
-def reduce(losses: torch.Tensor, target_lengths, reduction: str) -> torch.Tensor:
-    """``F.ctc_loss``'s reductions, written out."""
+def ctc_reduction_weights(batch: Batch, reduction: str) -> torch.Tensor:
+    """``(B,)`` float64 weight of each sample's loss in ``F.ctc_loss``'s ``reduction`` of ``batch``'s targets.
+
+    Read off ``F.ctc_loss`` itself: a reduction is linear in the per-sample losses, and sample ``b``'s loss
+    depends on ``log_probs[:, b]`` only, so the reduced loss's gradient there is ``w_b`` times that of sample
+    ``b``'s own loss. Measured on a probe with the same targets, uniform log-probs and every input long enough
+    (``2S + 1`` frames), where no sample's gradient vanishes: the weights may depend on the targets only.
+    """
+    targets, target_lengths = batch.padded(), torch.tensor(batch.target_lengths)
+    num_frames = 2 * max(batch.target_lengths, default=0) + 1
+    probe = torch.zeros(num_frames, len(batch.labels), batch.num_classes, dtype=torch.float64)
+    probe = probe.log_softmax(-1).requires_grad_()
+    input_lengths = torch.full_like(target_lengths, num_frames)
+    grads = [
+        grad_of(F.ctc_loss(probe, targets, input_lengths, target_lengths, blank=batch.blank, reduction=r).sum(), probe)
+        for r in ("none", reduction)
+    ]
+    own, reduced = (grad.transpose(0, 1).flatten(1) for grad in grads)  # (B, T * C)
+    assert (own.abs().sum(1) > 0).all()
+    weights = (reduced * own).sum(1) / (own * own).sum(1)
+    close(reduced, weights[:, None] * own)  # linear, one weight per sample
+    return weights
+
+
+def reduce_like_ctc(values: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:
+    """``(B,)`` per-sample ``values`` combined the way ``F.ctc_loss``'s ``reduction`` combines per-sample losses."""
     if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    lengths = torch.as_tensor(target_lengths, dtype=losses.dtype).clamp_min(1)
-    return (losses / lengths).mean()
+        return values
+    return (ctc_reduction_weights(batch, reduction).to(values.dtype) * values).sum()
 
 
 def close(actual: torch.Tensor, expected, rtol: float = 1e-7, atol: float = 1e-9) -> None:
@@ -214,31 +153,9 @@ def alignment_loss_reference(batch: Batch, transform, log_probs: torch.Tensor | 
     return torch.stack(out)
 
 
-# ---- differentiable enumeration (exact gradients of nll and path entropy) ----
-
-
-def enumerated_nll_entropy(sample: torch.Tensor, labels: list[int], blank: int):
-    """Differentiable ``(nll, H)`` of one (T_b, C) sample by summing over ``bf.alignments`` with torch ops."""
-    num_frames, num_classes = sample.shape
-    paths = bf.alignments(num_frames, num_classes, labels, blank)
-    if not paths:
-        return torch.tensor(math.inf, dtype=sample.dtype), torch.zeros((), dtype=sample.dtype)
-    frames = torch.arange(num_frames)
-    scores = torch.stack([sample[frames, torch.tensor(path, dtype=torch.long)].sum() for path in paths])
-    log_norm = scores.logsumexp(0)
-    log_posterior = scores - log_norm
-    return -log_norm, -(log_posterior.exp() * log_posterior).sum()
-
-
 # ----------------------------------------------------------------------------------------------------
 # 0. Built-in CTC (losses.CTCLoss, the default loss)
 # ----------------------------------------------------------------------------------------------------
-
-
-def enumerated_nll(batch: Batch, reduction: str) -> torch.Tensor:
-    """Differentiable reduced CTC loss of ``batch`` by exhaustive enumeration (float64)."""
-    terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank)[0] for b, row in enumerate(batch.labels)]
-    return reduce(torch.stack(terms), batch.target_lengths, reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -255,9 +172,12 @@ def test_builtin_ctc_value_and_gradient_match_functional_and_brute_force(reducti
         expected = F.ctc_loss(*batch.args(), blank=batch.blank, reduction=reduction)
         close(got.detach(), expected.detach())
         close(got_grad, grad_of(expected.sum(), batch.logits))
-        exact = enumerated_nll(batch, reduction)
-        close(got.detach(), exact.detach())
-        close(got_grad, grad_of(exact.sum(), batch.logits))
+        # per sample, against the differentiable enumeration
+        per_sample = CTCLoss(blank=batch.blank, reduction="none")(*batch.args())
+        exact = torch.stack([bf.differentiable_nll_entropy(batch.sample(b), row, batch.blank)[0]
+                             for b, row in enumerate(batch.labels)])
+        close(per_sample.detach(), exact.detach())
+        close(grad_of(per_sample.sum(), batch.logits), grad_of(exact.sum(), batch.logits))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -271,7 +191,7 @@ def test_builtin_ctc_zero_infinity_zeroes_an_infeasible_sample(reduction):
     close(got_grad, grad_of(expected.sum(), batch.logits))
     log_probs = batch.log_probs.detach()
     nll = [0.0 if b == 1 else bf.ctc_nll(batch.sample(b, log_probs), row, 0) for b, row in enumerate(batch.labels)]
-    close(got.detach(), reduce(torch.tensor(nll, dtype=torch.float64), batch.target_lengths, reduction))
+    close(CTCLoss(reduction="none", zero_infinity=True)(*batch.args()).detach(), nll)
     assert (got_grad[:, 1] == 0).all() and got_grad[:, [0, 2]].abs().sum() > 0
 
 
@@ -290,16 +210,13 @@ def test_builtin_ctc_half_inputs_give_the_float32_computation(reduction, dtype):
     (grad,) = torch.autograd.grad(got.sum(), half)
     assert grad.dtype == dtype
     torch.testing.assert_close(grad, grad_of(expected.sum(), upcast).to(dtype))
-    # and the float64 enumeration of the same rounded input, to float32 accuracy
+    # and the float64 computation of the same rounded input, to float32 accuracy (per sample: the enumeration)
     rounded = half.detach().double()
-    nll = [bf.ctc_nll(batch.sample(b, rounded), row, 0) for b, row in enumerate(batch.labels)]
-    expected64 = reduce(torch.tensor(nll, dtype=torch.float64), batch.target_lengths, reduction)
+    expected64 = F.ctc_loss(*batch.args(rounded), reduction=reduction)
     torch.testing.assert_close(got.detach().double(), expected64, rtol=1e-5, atol=1e-5)
-
-
-def test_builtin_ctc_defaults():
-    module = CTCLoss()
-    assert (module.blank, module.reduction, module.zero_infinity) == (0, "mean", False)
+    nll = [bf.ctc_nll(batch.sample(b, rounded), row, 0) for b, row in enumerate(batch.labels)]
+    per_sample = CTCLoss(reduction="none")(*batch.args(half)).detach().double()
+    torch.testing.assert_close(per_sample, torch.tensor(nll, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,7 +230,7 @@ def focal_reference(batch: Batch, alpha: float, gamma: float, reduction: str, lo
     weight = alpha * (1 - torch.exp(-nll)) ** gamma
     if detach:
         weight = weight.detach()
-    return reduce(weight * nll, batch.target_lengths, reduction)
+    return reduce_like_ctc(weight * nll, batch, reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -330,11 +247,11 @@ def test_focal_value_and_gradient_match_direct_formula(reduction, alpha, gamma, 
         close(grad_of(got.sum(), batch.logits), grad_of(expected.sum(), batch.logits))
 
 
-def test_focal_defaults_and_weight_is_differentiated():
-    module = FocalCTCLoss()
-    assert (module.alpha, module.gamma, module.detach_weight) == (1.0, 2.0, False)
+def test_focal_default_weight_is_differentiated():
+    """The defaults are PaddleOCR's alpha = 1, gamma = 2, with the weight differentiated through."""
     batch = fixed_batch(requires_grad=True)
     got = FocalCTCLoss(reduction="sum")(*batch.args())
+    close(got.detach(), focal_reference(batch, 1.0, 2.0, "sum").detach())
     detached = focal_reference(batch, 1.0, 2.0, "sum", detach=True)
     # the default (weight not detached) must not equal the detached-weight gradient
     difference = grad_of(got, batch.logits) - grad_of(detached, batch.logits)
@@ -349,13 +266,9 @@ def test_focal_detach_weight_gradient_is_weight_times_ctc_gradient(reduction, bl
     got = FocalCTCLoss(alpha, gamma, detach_weight=True, blank=blank, reduction=reduction)(*batch.args())
     nll = F.ctc_loss(*batch.args(), blank=blank, reduction="none")
     weight = (alpha * (1 - torch.exp(-nll)) ** gamma).detach()
-    close(got, reduce(weight * nll, batch.target_lengths, reduction).detach())
+    close(got, reduce_like_ctc(weight * nll, batch, reduction).detach())
     # d/dlogits of the reduced loss = sum_i (d reduce / d loss_i) * weight_i * dL_i / dlogits
-    per_sample_factor = {
-        "none": torch.ones(4, dtype=torch.float64),
-        "sum": torch.ones(4, dtype=torch.float64),
-        "mean": 1.0 / torch.tensor(batch.target_lengths, dtype=torch.float64).clamp_min(1) / 4,
-    }[reduction]
+    per_sample_factor = ctc_reduction_weights(batch, reduction)
     expected = torch.zeros_like(batch.logits)
     for i in range(4):
         (dl,) = torch.autograd.grad(nll[i], batch.logits, retain_graph=True)
@@ -408,7 +321,7 @@ def test_infeasible_sample_gives_inf_or_zero_with_zero_infinity(name, reduction)
     zeroed = make_loss(name, reduction=reduction, zero_infinity=True)(*batch.args())
     finite = plain.detach().clone()
     finite[1] = 0.0
-    close(zeroed.detach(), reduce(finite, batch.target_lengths, reduction))
+    close(zeroed.detach(), reduce_like_ctc(finite, batch, reduction))
     grad = grad_of(zeroed.sum(), batch.logits)
     assert grad.isfinite().all()
     assert (grad[:, 1] == 0).all()
@@ -660,10 +573,10 @@ def test_max_entropy_value_and_exact_gradient(beta, reduction):
             - beta * bf.path_entropy(batch.sample(b, log_probs), row, batch.blank)
             for b, row in enumerate(batch.labels)
         ]
-        close(got.detach(), reduce(torch.tensor(expected_value, dtype=torch.float64), batch.target_lengths, reduction))
+        close(got.detach(), reduce_like_ctc(torch.tensor(expected_value, dtype=torch.float64), batch, reduction))
         # exact gradient from the differentiable enumeration
-        terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
-        exact = reduce(torch.stack([(1 - beta) * nll - beta * h for nll, h in terms]), batch.target_lengths, reduction)
+        terms = [bf.differentiable_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
+        exact = reduce_like_ctc(torch.stack([(1 - beta) * nll - beta * h for nll, h in terms]), batch, reduction)
         close(grad_of(got.sum(), batch.logits), grad_of(exact.sum(), batch.logits))
 
 
@@ -700,7 +613,7 @@ def test_max_entropy_double_backward_term_matters():
     approx_grad = grad_of(approx, batch.logits)
     assert (got_grad - approx_grad).abs().max() > 1e-2  # ... different gradient
 
-    terms = [enumerated_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
+    terms = [bf.differentiable_nll_entropy(batch.sample(b), row, batch.blank) for b, row in enumerate(batch.labels)]
     exact = sum((1 - beta) * nll_b - beta * h for nll_b, h in terms)
     close(got_grad, grad_of(exact, batch.logits))
 
@@ -841,7 +754,7 @@ def test_reductions_are_consistent(name, zero_infinity):
     if zero_infinity:
         batch = infeasible_batch()
     else:  # mixed target lengths, including an empty target on an empty input (mean divides by max(len, 1))
-        base = random_batch(77, feasible=True, max_batch=4)
+        base = random_batch(77, feasible=True, batch=(1, 4))
         generator = torch.Generator().manual_seed(78)
         extra = torch.randn(base.logits.shape[0], 1, base.num_classes, generator=generator, dtype=torch.float64)
         batch = Batch(torch.cat([base.logits, extra], 1), base.labels + [[]], base.input_lengths + [0], base.blank)
@@ -850,9 +763,8 @@ def test_reductions_are_consistent(name, zero_infinity):
     total = make_loss(name, reduction="sum", **kwargs)(*batch.args())
     mean = make_loss(name, reduction="mean", **kwargs)(*batch.args())
     assert none.shape == (len(batch.labels),) and total.shape == mean.shape == ()
-    lengths = torch.tensor(batch.target_lengths, dtype=none.dtype).clamp_min(1)
     close(total, none.sum())
-    close(mean, (none / lengths).mean())
+    close(mean, reduce_like_ctc(none, batch, "mean"))
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -881,12 +793,7 @@ def test_modules_reject_bad_reduction(name):
 # Evaluation under inference_mode, and samples whose every alignment has probability 0
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        name for name in LOSS_NAMES
-    ],
-)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_losses_work_under_inference_mode(name):
     batch = fixed_batch()
     module = make_loss(name, reduction="mean", zero_infinity=True)

@@ -7,7 +7,7 @@ from torch import nn
 from crnn.model import CRNN, layer_output_width
 from crnn.module import CRNNModule
 from data import SyntheticDataModule
-from losses.targets import repeat_counts
+from losses import required_frames
 
 CONFIGS = {
     "default": {},
@@ -142,5 +142,5 @@ def test_collated_mixed_width_batch_gives_each_image_its_own_length():
         alone, alone_length = model(images[i : i + 1, :, :, : widths[i]], widths[i : i + 1])
         assert alone_length.item() == lengths[i].item()
         torch.testing.assert_close(alone[:, 0], log_probs[: lengths[i], i], atol=1e-5, rtol=1e-4)
-    needed = batch["target_lengths"] + repeat_counts(batch["targets"], batch["target_lengths"])
+    needed = required_frames(batch["targets"], batch["target_lengths"])
     assert (lengths >= needed).all(), "the default model leaves too few frames for some digit strings"

@@ -6,6 +6,8 @@ import io
 import logging
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -16,8 +18,10 @@ from PIL import Image
 
 from crnn.model import CRNN, output_length
 from crnn.pipeline import train
-from data import BadInput, BadInputError, FolderDataModule, LmdbDataModule, SyntheticLines, make_renderer, write_lmdb
-from data.labelled import repeats
+from data import (
+    BadInput, BadInputError, Charset, FolderDataModule, LmdbDataModule, SyntheticLines, make_renderer, open_split,
+    write_lmdb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = [[2, 2], [2, 2], [2, 2], [2, 1], [2, 1]]  # conf/model/crnn.yaml: width / 8
@@ -92,6 +96,39 @@ def test_output_length_matches_the_model(pools, kernel_size):
 
 
 # --- formats -------------------------------------------------------------------------------------------
+
+
+ON_DISK_IMPORTS = """
+import builtins, importlib.util, sys
+from pathlib import Path
+root, folder = Path.cwd(), sys.argv[1]
+importers = []  # files of this repository with an import statement of matplotlib
+plain_import = builtins.__import__
+def recording_import(name, globals=None, *args, **kwargs):
+    where = (globals or {}).get("__file__") or ""
+    if name.split(".")[0] == "matplotlib" and where.startswith(str(root)):
+        importers.append(where)
+    return plain_import(name, globals, *args, **kwargs)
+builtins.__import__ = recording_import
+import data, data.folder, data.lmdb
+from data import FolderDataModule
+FolderDataModule(folder, folder, folder).setup()
+import crnn.inference
+spec = importlib.util.spec_from_file_location("evaluate", root / "scripts" / "evaluate.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(importers, "data.synthetic" in sys.modules)
+"""
+
+
+def test_on_disk_data_never_imports_the_renderer_or_matplotlib(rendered):
+    """data=folder/lmdb and evaluate.py import neither data.synthetic nor (from this repository's code) matplotlib.
+
+    pytorch_lightning itself imports matplotlib when it is installed (through torchmetrics' plotting), so the
+    check is on who imports it, not on sys.modules."""
+    result = subprocess.run([sys.executable, "-c", ON_DISK_IMPORTS, str(rendered["folder"]["test"])], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[] False"
 
 
 def test_rendered_folder_round_trips_through_folder_and_lmdb(rendered):
@@ -240,8 +277,37 @@ def test_too_long_skip_leaves_only_feasible_ctc_targets(tmp_path):
     assert 0 < len(dm.problems["train"].skipped["too_long"]) < 24
     model = CRNN(11, height=16, pools=pools, channels=[4] * 4)
     for batch in dm.train_dataloader():
-        needed = batch["target_lengths"] + torch.tensor([repeats(t) for t in batch["texts"]])
+        repeats = [sum(a == b for a, b in zip(text, text[1:])) for text in batch["texts"]]
+        needed = batch["target_lengths"] + torch.tensor(repeats)
         assert (model.output_lengths(batch["widths"]) >= needed).all()
+
+
+def test_open_split_for_evaluation_keeps_what_the_model_cannot_emit(tmp_path, rendered):
+    """open_split (evaluate.py's reader): the training checks, but with require_emittable=False lines with unknown
+    characters or too long labels are kept; an image broken after screening is reported as unreadable_image."""
+    folder = write_folder(tmp_path / "data", [GOOD[0], BAD_CASES["unknown_char"][1], BAD_CASES["too_long"][1],
+                                              BAD_CASES["missing_image"][1], GOOD[1]])
+    charset = Charset("0123456789")
+    kept = open_split(folder, charset, bad=BadInput({"missing_image": "skip"}), output_length=FRAMES,
+                      require_emittable=False)
+    assert [r.label for r in kept.records] == ["12", "1x2", "1122334455", "345"]
+    bad = BadInput({"missing_image": "skip"})
+    screened = open_split(folder, charset, bad=bad, output_length=FRAMES)  # training's screen
+    assert [r.label for r in screened.records] == ["12", "345"]
+    assert {k: len(v) for k, v in bad.skipped.items() if v} == {"unknown_char": 1, "too_long": 1, "missing_image": 1}
+    with pytest.raises(BadInputError, match=r"gt\.txt:4: image .* not found"):
+        open_split(folder, charset, output_length=FRAMES, require_emittable=False)
+    lmdb_split = open_split(rendered["lmdb"]["test"], charset)
+    assert torch.equal(lmdb_split.image(3), lmdb_split[3]["image"])
+    (folder / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))  # broken after screening
+    with pytest.raises(BadInputError, match=r"gt\.txt:1: cannot read image .*0\.png"):
+        kept[0]
+    bad = BadInput({"unreadable_image": "skip"})
+    assert kept.image(0, bad) is None and kept.image(3, bad) is not None
+    assert len(bad.skipped["unreadable_image"]) == 1 and bad.skipped["unreadable_image"][0].startswith(
+        f"{folder / 'gt.txt'}:1: cannot read image")
+    with pytest.raises(FileNotFoundError, match="neither a folder with a gt.txt nor an LMDB"):
+        open_split(tmp_path, charset)
 
 
 def test_policy_errors():

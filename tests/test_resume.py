@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import Callback
 
 from crnn.pipeline import train
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import compose_train
 # Dropout on, so that the restored RNG state matters; 3 steps per epoch, lengths grouped in a seeded batch order.
 OVERRIDES = ["model=crnn_small", "model.dropout=0.2", "trainer=cpu", "trainer.max_epochs=3", "data.train_size=48",
              "data.val_size=16", "data.test_size=16", "data.batch_size=16", "callbacks.progress_bar.refresh_rate=0"]
@@ -32,8 +31,7 @@ class Interrupt(Callback):
 
 
 def run(output_dir: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return train(compose("train", overrides=[f"paths.output_dir={output_dir}", *OVERRIDES, *overrides]))
+    return train(compose_train(*OVERRIDES, *overrides, output_dir=output_dir))
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):

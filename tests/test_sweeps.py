@@ -7,29 +7,20 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import editdistance
 import numpy as np
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from crnn import sweep_callbacks
 from data.synthetic import make_renderer
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-sys.path.insert(0, str(ROOT / "scripts"))
-import sweep_report  # noqa: E402
+from conftest import ROOT, compose_train, config_options, load_script
 
-LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
+sweep_report = load_script("sweep_report")
 
-
-def compose_train(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides], return_hydra_config=hydra)
+LOSSES = config_options("loss")
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -51,7 +42,7 @@ def test_ablation_unbalanced_uses_skewed_text():
     assert set(probs) == set(datamodule.charset.characters) and max(probs.values()) > 20 * min(probs.values())
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+@pytest.mark.parametrize("option", config_options("hparams_search"))
 def test_hparams_search_composes(option):
     cfg = compose_train(f"hparams_search={option}", hydra=True)
     sweeper = cfg.hydra.sweeper
@@ -137,29 +128,6 @@ def _fake_run(path: Path, loss: str, seed: int, test_cer: float, curve: list[tup
         writer.writerow({"epoch": len(curve), "step": curve[0][0], "val/cer": 0.9})  # trainer.validate: ignored
     lines = ["target\tprediction"] + [f"{t}\t{p}" for t, p in predictions]
     (path / "test_predictions.tsv").write_text("\n".join(lines) + "\n")
-
-
-def test_fit_clock_logs_fit_seconds_and_a_resumed_run_goes_on_counting(monkeypatch):
-    now = [100.0]
-    monkeypatch.setattr(sweep_callbacks.time, "perf_counter", lambda: now[0])
-    logged = []
-    module = SimpleNamespace(log=lambda name, value: logged.append((name, value)))
-    trainer = SimpleNamespace(sanity_checking=True)
-    clock = sweep_callbacks.FitClock()
-    clock.on_validation_epoch_end(trainer, module)  # the sanity check, before fit starts: nothing
-    clock.on_train_start(trainer, module)
-    trainer.sanity_checking, now[0] = False, 130.0
-    clock.on_validation_epoch_end(trainer, module)
-    saved = clock.state_dict()  # what a checkpoint written now holds
-    clock.on_train_end(trainer, module)
-    clock.on_validation_epoch_end(trainer, module)  # a trainer.validate after fit: nothing
-    resumed = sweep_callbacks.FitClock()
-    resumed.load_state_dict(saved)
-    now[0] = 500.0
-    resumed.on_train_start(trainer, module)
-    now[0] = 512.0
-    resumed.on_validation_epoch_end(trainer, module)
-    assert logged == [("time/fit_seconds", 30.0), ("time/fit_seconds", 42.0)]
 
 
 def test_curve_without_fit_clock(tmp_path):

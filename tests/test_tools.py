@@ -3,8 +3,9 @@
 One tiny model is trained per session (a few dozen CPU steps); the scripts' ``main`` functions run in-process.
 """
 
-import importlib.util
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import editdistance
@@ -12,36 +13,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from crnn.decoding import BeamSearchDecoder, GreedyDecoder
 from crnn.inference import load_recognizer, read_image, recognize
 from crnn.model import CRNN
 from crnn.module import CRNNModule
 from crnn.pipeline import train
 from data import BadInputError, LineRenderer, collate_lines
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    """Import ``scripts/<name>.py`` as a module (to call its ``main`` in-process)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, compose_train, load_script
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """``last.ckpt`` of a crnn_small digits model trained for 18 steps."""
     output_dir = tmp_path_factory.mktemp("run")
-    overrides = [f"paths.output_dir={output_dir}", "model=crnn_small", "trainer=cpu", "trainer.max_epochs=3",
-                 "trainer.max_time=null",
-                 "data.train_size=96", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
-                 "callbacks.progress_bar.refresh_rate=0"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        train(compose("train", overrides=overrides))
+    train(compose_train("model=crnn_small", "trainer=cpu", "trainer.max_epochs=3", "trainer.max_time=null",
+                        "data.train_size=96", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
+                        "callbacks.progress_bar.refresh_rate=0", output_dir=output_dir))
     return output_dir / "checkpoints" / "last.ckpt"
 
 
@@ -69,7 +59,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_module(checkpoint):
 
 
 def test_predict_prints_path_text_confidence_like_the_module(checkpoint, image_dir, capsys):
-    results = script("predict").main(["--checkpoint", str(checkpoint), str(image_dir), "--batch-size", "2",
+    results = load_script("predict").main(["--checkpoint", str(checkpoint), str(image_dir), "--batch-size", "2",
                                       "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
     paths = sorted(image_dir.glob("*.png"))
@@ -87,7 +77,7 @@ def test_predict_reads_only_formats_pillow_opens_and_rejects_a_zero_batch(checkp
     mixed.mkdir()
     (mixed / "line.png").write_bytes((image_dir / "line0.png").read_bytes())
     (mixed / "notes.pdf").write_bytes(b"%PDF-1.4 not an image")  # Pillow writes PDF, cannot read it
-    predict = script("predict")
+    predict = load_script("predict")
     assert [Path(r[0]).name for r in predict.main(["--checkpoint", str(checkpoint), str(mixed), "--device", "cpu"])] \
         == ["line.png"]
     with pytest.raises(SystemExit):
@@ -102,13 +92,13 @@ def test_greedy_confidence_is_the_best_path_probability_of_the_line_alone(checkp
     with torch.no_grad():
         log_probs, _ = module(short[None], torch.tensor([short.shape[-1]]))
     expected = log_probs[:, 0].amax(-1).sum().exp().item()  # product over the line's own frames
-    assert recognize(module, [short, long], "greedy")[0].confidence == pytest.approx(expected, rel=1e-4)
+    assert recognize(module, [short, long], GreedyDecoder())[0].confidence == pytest.approx(expected, rel=1e-4)
 
 
 def test_beam_confidence_sums_the_alignments_greedy_takes_one(checkpoint, image_dir):
     module = load_recognizer(checkpoint)
     images = [read_image(path, module) for path in sorted(image_dir.glob("*.png"))]
-    greedy, beam = recognize(module, images, "greedy"), recognize(module, images, "beam", beam_width=32)
+    greedy, beam = recognize(module, images, GreedyDecoder()), recognize(module, images, BeamSearchDecoder(32))
     for (greedy_text, greedy_p), (beam_text, beam_p) in zip(greedy, beam):
         assert 0.0 < greedy_p <= 1.0 and 0.0 < beam_p <= 1.0
         if beam_text == greedy_text:  # all the text's alignments vs its best one
@@ -119,7 +109,7 @@ def test_beam_confidence_sums_the_alignments_greedy_takes_one(checkpoint, image_
 def labelled_dir(tmp_path_factory) -> Path:
     """Twelve rendered digit lines as a gt.txt folder, plus a thirteenth line whose label has a letter."""
     directory = tmp_path_factory.mktemp("labelled") / "test"
-    script("render_dataset").main(["--size", "12", "--seed", "5", "--output", str(directory)])
+    load_script("render_dataset").main(["--size", "12", "--seed", "5", "--output", str(directory)])
     with open(directory / "gt.txt", "a", encoding="utf-8") as gt:
         gt.write("images/000000.png\t12a\n")
     return directory
@@ -127,16 +117,16 @@ def labelled_dir(tmp_path_factory) -> Path:
 
 def test_evaluate_matches_predict_and_editdistance_on_folder_and_lmdb(checkpoint, labelled_dir, tmp_path, capsys):
     lmdb_dir = tmp_path / "lmdb"
-    script("make_lmdb").main([str(labelled_dir), str(lmdb_dir)])
+    load_script("make_lmdb").main([str(labelled_dir), str(lmdb_dir)])
     capsys.readouterr()
     errors, metrics_json = tmp_path / "errors.tsv", tmp_path / "metrics.json"
-    results = script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), str(lmdb_dir),
+    results = load_script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), str(lmdb_dir),
                                        "--batch-size", "5", "--device", "cpu", "--errors", str(errors),
                                        "--json", str(metrics_json)])
     printed = capsys.readouterr().out.splitlines()
     # the reference: predict.py on each image, scored line by line with editdistance
     lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()]
-    predicted = {path: text for path, text, _ in script("predict").main(
+    predicted = {path: text for path, text, _ in load_script("predict").main(
         ["--checkpoint", str(checkpoint), str(labelled_dir / "images"), "--device", "cpu"])}
     texts = [predicted[str(labelled_dir / path)] for path, _ in lines]
     edits = sum(editdistance.eval(text, label) for text, (_, label) in zip(texts, lines))
@@ -156,16 +146,16 @@ def test_evaluate_matches_predict_and_editdistance_on_folder_and_lmdb(checkpoint
 def test_evaluate_with_beam_search_scores_the_beam_readings(checkpoint, labelled_dir):
     module = load_recognizer(checkpoint)
     lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()]
-    readings = recognize(module, [read_image(labelled_dir / path, module) for path, _ in lines], "beam", beam_width=3)
+    readings = recognize(module, [read_image(labelled_dir / path, module) for path, _ in lines], BeamSearchDecoder(3))
     edits = sum(editdistance.eval(text, label) for (text, _), (_, label) in zip(readings, lines))
-    results = script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), "--decoder", "beam",
+    results = load_script("evaluate").main(["--checkpoint", str(checkpoint), str(labelled_dir), "--decoder", "beam",
                                        "--beam-width", "3", "--device", "cpu"])
     assert results[str(labelled_dir)]["cer"] == pytest.approx(edits / sum(len(label) for _, label in lines))
 
 
 def test_evaluate_names_a_path_that_is_no_dataset(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder with a gt.txt nor an LMDB"):
-        script("evaluate").main(["--checkpoint", str(checkpoint), str(tmp_path), "--device", "cpu"])
+        load_script("evaluate").main(["--checkpoint", str(checkpoint), str(tmp_path), "--device", "cpu"])
 
 
 def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, labelled_dir, tmp_path, capsys):
@@ -175,7 +165,7 @@ def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, label
     for path, _ in (line.split("\t") for line in lines[:3]):
         (broken / path).write_bytes((labelled_dir / path).read_bytes())
     (broken / "gt.txt").write_text("\n".join(lines) + "\n")
-    evaluate = script("evaluate")
+    evaluate = load_script("evaluate")
     with pytest.raises(BadInputError, match=r"gt\.txt:4: image .*nowhere\.png.* not found .*--skip-bad"):
         evaluate.main(["--checkpoint", str(checkpoint), str(broken), "--device", "cpu"])
     results = evaluate.main(["--checkpoint", str(checkpoint), str(broken), "--device", "cpu", "--skip-bad"])
@@ -185,7 +175,7 @@ def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, label
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_predict_on_gpu_matches_cpu(checkpoint, image_dir):
-    predict = script("predict")
+    predict = load_script("predict")
     on_cpu = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu"])
     on_gpu = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cuda"])
     assert [r[:2] for r in on_gpu] == [r[:2] for r in on_cpu]
@@ -194,7 +184,7 @@ def test_predict_on_gpu_matches_cpu(checkpoint, image_dir):
 
 def test_export_onnx_matches_pytorch(checkpoint, image_dir, tmp_path, capsys):
     output = tmp_path / "crnn.onnx"
-    export_onnx = script("export_onnx")
+    export_onnx = load_script("export_onnx")
     assert export_onnx.main(["--checkpoint", str(checkpoint), "--output", str(output)]) == 0
     assert output.stat().st_size > 10_000 and "max abs diff" in capsys.readouterr().out
     # checked here too, not only by the script's own comparison: a padded batch of real images of other widths
@@ -216,7 +206,7 @@ def test_export_onnx_matches_pytorch(checkpoint, image_dir, tmp_path, capsys):
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 def test_export_keeps_packed_semantics_for_stacked_rnns(rnn, tmp_path):
     """Two bidirectional layers: padding must not leak into the backward direction of shorter lines."""
-    export_onnx = script("export_onnx")
+    export_onnx = load_script("export_onnx")
     network = CRNN(11, channels=(8, 16, 16, 32, 32), rnn=rnn, rnn_hidden=16, rnn_layers=2).eval()
     export_onnx.export(network, tmp_path / "net.onnx", channels=1, height=32)
     session = export_onnx.onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
@@ -225,7 +215,7 @@ def test_export_keeps_packed_semantics_for_stacked_rnns(rnn, tmp_path):
 
 
 def test_plot_alignment_shows_the_blank_and_the_strongest_classes_of_large_charsets():
-    plot_alignment = script("plot_alignment")
+    plot_alignment = load_script("plot_alignment")
     probs, gamma = np.zeros((5, 40)), np.zeros((5, 40))
     probs[:, 0], probs[2, 39], gamma[3, 7] = 1.0, 0.5, 0.9
     rows = plot_alignment.shown_classes(probs, gamma, blank=0)
@@ -235,7 +225,7 @@ def test_plot_alignment_shows_the_blank_and_the_strongest_classes_of_large_chars
 
 def test_plot_alignment_computes_what_it_draws(checkpoint, image_dir):
     """γ from either CTC, the -log p from F.ctc_loss, a Viterbi path that spells the text, probabilities per frame."""
-    plot_alignment = script("plot_alignment")
+    plot_alignment = load_script("plot_alignment")
     module = load_recognizer(checkpoint)
     image, text = read_image(image_dir / "line2.png", module), "4071"
     builtin, python = (plot_alignment.align(module, image, text, ctc) for ctc in ("builtin", "python"))
@@ -253,8 +243,42 @@ def test_plot_alignment_computes_what_it_draws(checkpoint, image_dir):
 @pytest.mark.parametrize("ctc", ["builtin", "python"])
 def test_plot_alignment_writes_a_png(checkpoint, image_dir, tmp_path, ctc):
     output = tmp_path / "alignment.png"
-    script("plot_alignment").main(["--checkpoint", str(checkpoint), "--image", str(image_dir / "line0.png"),
+    load_script("plot_alignment").main(["--checkpoint", str(checkpoint), "--image", str(image_dir / "line0.png"),
                                    "--text", "0123", "--output", str(output), "--ctc", ctc])
     with Image.open(output) as png:
         assert png.format == "PNG" and png.width > 800 and png.height > 500
     assert output.stat().st_size > 20_000
+
+
+# --- ctc-crnn, the installed command -----------------------------------------------------------------
+
+
+def test_ctc_crnn_lists_every_script_and_rejects_an_unknown_tool(capsys):
+    cli = load_script("cli")
+    tools = {path.stem for path in (ROOT / "scripts").glob("*.py")} - {"__init__", "cli", "options"}
+    assert set(cli.TOOLS.values()) == tools
+    assert cli.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in cli.TOOLS)
+    assert cli.main(["nope"]) == 2 and "unknown tool 'nope'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+
+
+def test_ctc_crnn_runs_a_tool_as_its_script_does(checkpoint, image_dir, tmp_path, capsys):
+    """Same output as predict.main; a tool's own exit status (export-onnx's failed check) passes through."""
+    cli = load_script("cli")
+    arguments = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu"]
+    assert cli.main(["predict", *arguments]) == 0
+    through_cli = capsys.readouterr().out
+    load_script("predict").main(arguments)
+    assert through_cli == capsys.readouterr().out and through_cli.count("\n") == 5
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main(["export_onnx", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"),
+                  "--tolerance", "-1"])
+    assert exit_status.value.code == 1
+
+
+@pytest.mark.skipif(shutil.which("ctc-crnn") is None, reason="the package is not installed (pip install -e .)")
+def test_ctc_crnn_is_an_installed_command():
+    result = subprocess.run(["ctc-crnn", "make-lmdb", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: ctc-crnn make-lmdb")

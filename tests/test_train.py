@@ -12,21 +12,19 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 
 from crnn.module import CRNNModule
 from crnn.pipeline import train
 
-ROOT = Path(__file__).resolve().parents[1]
-LOSSES = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
+from conftest import ROOT, compose_train, config_options
+
+LOSSES = config_options("loss")
 REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "stop_reason",
             "best_checkpoint"}
 
 
 def run(tmp_path: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
-    metrics = train(cfg)
+    metrics = train(compose_train(*overrides, output_dir=tmp_path))
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
     assert REPORTED <= set(metrics)
     assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))

@@ -1,19 +1,22 @@
-"""Batching (:func:`collate_lines`), samplers (epoch-aware, length-grouped) and :class:`SyntheticDataModule`."""
+"""Batching of line samples: :func:`collate_lines`, the samplers (epoch-aware, length-grouped), data-parallel
+sharding and :func:`line_loader`, the DataLoader every line datamodule builds; plus which splits a stage needs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from data.charset import Charset
-from data.synthetic import SyntheticLines, make_renderer
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}
+"""Lightning stage -> the splits its ``setup`` builds (other stages, e.g. ``predict``, need none)."""
 
 
 def collate_lines(samples: Sequence[dict]) -> dict:
@@ -182,115 +185,3 @@ def line_loader(dataset: Dataset, indices: Iterable[int], batch_size: int, lengt
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-class SyntheticDataModule(pl.LightningDataModule):
-    """Synthetic text lines for train/val/test, rendered on the fly.
-
-    Args:
-        kind: ``"digits"`` or ``"text"`` (see :func:`data.synthetic.make_renderer`).
-        charset: the characters (class order); ``None`` uses the kind's default.
-        min_length, max_length: inclusive text-length range.
-        height: image height in px.
-        train_size, val_size, test_size: samples per epoch / in the fixed val and test sets.
-        batch_size: samples per batch (smaller last batches are kept).
-        num_workers: rendering worker processes for training (persistent when > 0).
-        seed: base seed. Split ``k`` of ``("train", "val", "test")`` uses stream seed ``3*seed + k``,
-            so the streams are disjoint for every (seed, split) pair.
-        words: optional word list (sequence or file path) for ``kind="text"``.
-        distortion: augmentation strength in ``[0, 1]`` (0.5 = moderate).
-        zipf_exponent, char_weights: skewed character frequencies for random-character lines (all
-            splits), see :class:`data.synthetic.LineRenderer`; the defaults draw characters uniformly.
-        blank: CTC blank class id; characters take the other ids.
-        fresh_train: if True every epoch renders new training samples (see :class:`EpochSampler`),
-            else the same ``train_size`` samples are reshuffled each epoch.
-        prerender_eval: render val/test once in ``setup`` and keep them in memory; their loaders
-            then run in the main process (``num_workers=0``), since collating is cheap.
-        group_by_length: batch samples of similar text length together
-            (:class:`LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
-            length order) to cut padding, i.e. wasted model compute; False batches in sampler order.
-
-    Under a multi-process strategy (DDP) every process loads its own shard (see :func:`process_shard`):
-    training batches from :class:`EpochSampler` with ``rank``/``world_size``, and val/test batches from
-    :func:`shard_indices`, which partition the set exactly (no padded duplicates, so summed metrics count
-    every line once). Lightning must not replace the samplers: use ``Trainer(use_distributed_sampler=False)``
-    (as ``conf/trainer/ddp*.yaml`` do); ``batch_size`` is per process.
-
-    ``.charset`` (a :class:`Charset`) exists right after construction, so a model can read
-    ``charset.num_classes`` before ``setup``. Batches are :func:`collate_lines` dicts.
-    """
-
-    def __init__(
-        self,
-        kind: str = "digits",
-        charset: str | None = None,
-        min_length: int = 1,
-        max_length: int = 10,
-        height: int = 32,
-        train_size: int = 20000,
-        val_size: int = 500,
-        test_size: int = 1000,
-        batch_size: int = 64,
-        num_workers: int = 1,
-        seed: int = 0,
-        words: Sequence[str] | str | None = None,
-        distortion: float = 0.5,
-        blank: int = 0,
-        fresh_train: bool = True,
-        prerender_eval: bool = True,
-        group_by_length: bool = True,
-        zipf_exponent: float = 0.0,
-        char_weights: Sequence[float] | Mapping[str, float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.renderer = make_renderer(
-            kind, charset, min_length=min_length, max_length=max_length, height=height,
-            words=words, distortion=distortion, zipf_exponent=zipf_exponent, char_weights=char_weights,
-        )
-        self.charset = Charset(self.renderer.characters, blank=blank)
-        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.fresh_train = fresh_train
-        self.prerender_eval = prerender_eval
-        self.group_by_length = group_by_length
-        self.datasets: dict[str, SyntheticLines] = {}
-
-    def overfit(self, num_batches: int) -> None:
-        """Train on the same ``num_batches`` batches' worth of lines every epoch (``trainer.overfit_batches``:
-        Lightning itself can only fix the batches of a loader built on a ``RandomSampler``)."""
-        self.sizes["train"], self.fresh_train = num_batches * self.batch_size, False
-        self.datasets.pop("train", None)
-
-    def _dataset(self, split: str) -> SyntheticLines:
-        """The split's dataset, built (and for val/test optionally pre-rendered) on first use."""
-        if split not in self.datasets:
-            ds = SyntheticLines(self.renderer, self.charset, self.sizes[split], seed=3 * self.seed + SPLITS.index(split))
-            self.datasets[split] = ds.prerender() if split != "train" and self.prerender_eval else ds
-        return self.datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets a stage needs: ``fit`` train + val, ``validate`` val, ``test`` test, ``None`` all."""
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}.get(stage, ())
-        for split in splits:
-            self._dataset(split)
-
-    def _loader(self, split: str, indices: Iterable[int], num_workers: int) -> DataLoader:
-        dataset = self._dataset(split)
-        return line_loader(dataset, indices, self.batch_size, length=lambda i: len(dataset.text(i)),
-                           shuffle=split == "train", group_by_length=self.group_by_length, seed=self.seed,
-                           num_workers=num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world_size = process_shard(self.trainer)
-        sampler = EpochSampler(self.sizes["train"], seed=self.seed, fresh=self.fresh_train, rank=rank, world_size=world_size)
-        return self._loader("train", sampler, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        indices = shard_indices(self.sizes["val"], *process_shard(self.trainer))
-        return self._loader("val", indices, 0 if self.prerender_eval else self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        indices = shard_indices(self.sizes["test"], *process_shard(self.trainer))
-        return self._loader("test", indices, 0 if self.prerender_eval else self.num_workers)
