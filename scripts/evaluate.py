@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from crnn.inference import load_recognizer, recognize, resolve_device  # noqa: E402
-from crnn.metrics import TextMetrics  # noqa: E402
-from crnn.module import CRNNModule  # noqa: E402
-from data import BadInput, LabelledLines, LmdbLines, open_split  # noqa: E402
-from scripts.options import add_recognition_arguments, decoder_from_args  # noqa: E402
+from crnn.inference import load_recognizer, recognize, resolve_device
+from crnn.metrics import TextMetrics
+from crnn.module import CRNNModule
+from data import BadInput, LabelledLines, LmdbLines, open_split
+from scripts.options import add_recognition_arguments, decoder_from_args
 
 DATA_KINDS = ("missing_image", "unreadable_image", "malformed", "empty_label")
 
@@ -47,14 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(module: CRNNModule, dataset: LabelledLines, bad: BadInput, args: argparse.Namespace,
              total: TextMetrics, errors: list[str]) -> dict[str, float | int]:
     """Metrics of one dataset (also added to ``total``); misread lines appended to ``errors`` as TSV rows."""
-    metrics, known = TextMetrics(), set(module.charset.characters)
+    metrics, known, decoder = TextMetrics(), set(module.charset.characters), decoder_from_args(args)
     lines = unknown = 0
     for start in range(0, len(dataset), args.batch_size):
         batch = [(index, image) for index in range(start, min(start + args.batch_size, len(dataset)))
                  if (image := dataset.image(index, bad)) is not None]  # decode failures go to ``bad``
         if not batch:
             continue
-        recognised = recognize(module, [image for _, image in batch], decoder_from_args(args))
+        recognised = recognize(module, [image for _, image in batch], decoder)
         labels = [dataset.records[index].label for index, _ in batch]
         predictions = [text for text, _ in recognised]
         metrics.update(predictions, labels)

@@ -126,3 +126,23 @@ def viterbi(log_probs: torch.Tensor, target: Sequence[int], blank: int) -> tuple
         return [blank] * log_probs.shape[0], -math.inf
     best_path, best_score = max(scored, key=lambda item: (item[1], state_sequence(item[0], blank)[::-1]))
     return list(best_path), best_score
+
+
+def labelling_log_probs(log_probs: torch.Tensor, blank: int) -> dict[tuple[int, ...], float]:
+    """``{labelling: log P(labelling)}``, summed over every path of the ``(T, C)`` log-probs that collapses to it:
+    the exact scores a CTC decoder with an unbounded beam ranks (labellings of no path are absent)."""
+    lp = log_probs.double().tolist()
+    num_frames, num_classes = log_probs.shape
+    scores: dict[tuple[int, ...], list[float]] = {}
+    for path in itertools.product(range(num_classes), repeat=num_frames):
+        scores.setdefault(tuple(collapse(path, blank)), []).append(sum(lp[t][c] for t, c in enumerate(path)))
+    return {labelling: _log_sum_exp(values) for labelling, values in scores.items()}
+
+
+def best_path(log_probs: torch.Tensor) -> tuple[tuple[int, ...], float]:
+    """The most probable frame-level path of ``(T, C)`` log-probs (the first in enumeration order among equals)
+    and its log-prob, by enumerating all ``C**T`` paths."""
+    lp = log_probs.double().tolist()
+    num_frames, num_classes = log_probs.shape
+    return max(((path, sum(lp[t][c] for t, c in enumerate(path)))
+                for path in itertools.product(range(num_classes), repeat=num_frames)), key=lambda item: item[1])

@@ -87,3 +87,19 @@ def test_fewest_frames_is_the_shortest_alignment():
     for target in ([1], [1, 2], [1, 1], [2, 1, 1], [1, 1, 1]):
         shortest = bf.fewest_frames(target, blank=0)
         assert bf.alignments(shortest, 3, target, blank=0) and not bf.alignments(shortest - 1, 3, target, blank=0)
+
+
+@pytest.mark.parametrize("blank", [0, 2])
+def test_labelling_log_probs_partition_all_paths_and_agree_with_the_nll(blank):
+    log_probs = torch.randn(4, 3, generator=torch.Generator().manual_seed(blank), dtype=torch.float64).log_softmax(-1)
+    totals = bf.labelling_log_probs(log_probs, blank)
+    assert math.fsum(math.exp(v) for v in totals.values()) == pytest.approx(1.0, abs=1e-12)
+    for labelling, log_prob in totals.items():
+        assert log_prob == pytest.approx(-bf.ctc_nll(log_probs, labelling, blank), abs=1e-12)
+
+
+def test_best_path_is_the_per_frame_argmax():
+    log_probs = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    path, score = bf.best_path(log_probs)
+    assert list(path) == log_probs.argmax(1).tolist()
+    assert score == pytest.approx(log_probs.amax(1).sum().item(), abs=1e-12)

@@ -1,36 +1,21 @@
 """Greedy and prefix-beam CTC decoding against hand-worked cases and brute-force enumeration."""
 
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import brute_force as bf
 from crnn.decoding import BeamSearchDecoder, Decoded, GreedyDecoder, beam_search, greedy_decode
 from crnn.module import CRNNModule
 from host_sync import value_reads
-
-
-def collapse(path, blank):
-    """Label ids of a CTC path: repeats merged, blanks removed."""
-    return [c for i, c in enumerate(path) if c != blank and (i == 0 or c != path[i - 1])]
 
 
 def logaddexp(a, b):
     """log(exp(a) + exp(b)) for Python floats, -inf included."""
     high = max(a, b)
     return high if high == -math.inf else high + math.log(math.exp(a - high) + math.exp(b - high))
-
-
-def brute_force(log_probs, length, blank):
-    """{labelling: log-prob summed over all its paths} for the first ``length`` frames of ``(T, C)``."""
-    totals, rows = {}, log_probs.tolist()
-    for path in itertools.product(range(log_probs.shape[1]), repeat=length):
-        labelling = tuple(collapse(path, blank))
-        score = sum(rows[t][c] for t, c in enumerate(path))
-        totals[labelling] = logaddexp(totals.get(labelling, -math.inf), score)
-    return totals
 
 
 def reference_beam_search(log_probs, length, beam_width, blank):
@@ -89,7 +74,7 @@ def test_greedy_respects_lengths_and_blank_index():
 def test_greedy_matches_per_frame_argmax(blank):
     log_probs = random_log_probs((12, 6, 5), seed=1)
     lengths = torch.tensor([12, 0, 1, 7, 12, 3])
-    expected = [collapse(log_probs[:n, b].argmax(-1).tolist(), blank) for b, n in enumerate(lengths.tolist())]
+    expected = [bf.collapse(log_probs[:n, b].argmax(-1).tolist(), blank) for b, n in enumerate(lengths.tolist())]
     assert greedy_decode(log_probs, lengths, blank=blank).labels == expected
 
 
@@ -102,12 +87,9 @@ def test_greedy_score_is_the_best_paths_log_prob(blank, seed):
     labellings, scores = greedy_decode(log_probs, lengths, blank=blank)
     assert scores.dtype == torch.float64 and scores.shape == (3,)
     for b, length in enumerate(lengths.tolist()):
-        rows = log_probs[:length, b].tolist()
-        paths = {path: sum(rows[t][c] for t, c in enumerate(path))
-                 for path in itertools.product(range(3), repeat=length)}
-        best = max(paths, key=paths.get)
-        assert scores[b].item() == pytest.approx(paths[best], abs=1e-12)
-        assert labellings[b] == collapse(best, blank)
+        path, score = bf.best_path(log_probs[:length, b])
+        assert scores[b].item() == pytest.approx(score, abs=1e-12)
+        assert labellings[b] == bf.collapse(path, blank)
 
 
 def test_greedy_score_of_half_input_is_float32():
@@ -130,7 +112,7 @@ def test_full_beam_finds_most_probable_labelling_with_exact_score(blank, seed):
     everything = sum((num_classes - 1) ** n for n in range(num_frames + 1))  # all prefixes up to T
     labellings, scores = beam_search(log_probs, lengths, beam_width=everything, blank=blank)
     for b, length in enumerate(lengths.tolist()):
-        totals = brute_force(log_probs[:, b], length, blank)
+        totals = bf.labelling_log_probs(log_probs[:length, b], blank)
         best = max(totals, key=totals.get)
         assert labellings[b] == list(best)
         assert scores[b].item() == pytest.approx(totals[best], abs=1e-9)
