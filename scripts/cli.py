@@ -29,14 +29,15 @@ def usage() -> str:
     """The command's help: one line per tool, from the first line of its module docstring."""
     width = max(map(len, TOOLS))
     lines = [f"  {name:<{width}}  {summary(module)}" for name, module in TOOLS.items()]
-    return "usage: ctc-crnn <tool> [options]   (ctc-crnn <tool> --help for a tool's options)\n\ntools:\n" + "\n".join(lines)
+    head = "usage: ctc-crnn <tool> [options]   (ctc-crnn <tool> --help for a tool's options)"
+    return "\n".join([head, "", "tools:", *lines])
 
 
 def summary(module: str) -> str:
     """First line of a tool's docstring, read without importing it (importing torch for --help is slow)."""
     spec = importlib.util.find_spec(f"scripts.{module}")
     with open(spec.origin, encoding="utf-8") as f:
-        return f.read().split('"""', 2)[1].strip().splitlines()[0]
+        return f.read().split('"""', 2)[1].strip().splitlines()[0].replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,12 +6,17 @@ on ``sys.path`` (no ``__init__.py`` here, so the default ``prepend`` import mode
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import random
 from pathlib import Path
 from types import ModuleType
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+import brute_force
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -37,14 +42,6 @@ def load_script(name: str) -> ModuleType:
 
 
 # ------------------------------------------------------------------------------------------------ CTC batches
-# (imports of this section kept here: the section above is about configs and scripts)
-import dataclasses  # noqa: E402
-import random  # noqa: E402
-
-import torch  # noqa: E402
-
-import brute_force  # noqa: E402
-
 Range = int | tuple[int, int]
 
 

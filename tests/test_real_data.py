@@ -1,7 +1,6 @@
 """Real data: gt.txt folders and LMDB (round trip from render_dataset.py), the bad-input policy, training on them."""
 
 import functools
-import importlib.util
 import io
 import logging
 import math
@@ -13,7 +12,6 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from crnn.model import CRNN, output_length
@@ -23,21 +21,15 @@ from data import (
     write_lmdb,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, compose_train, load_script
+
 POOLS = [[2, 2], [2, 2], [2, 2], [2, 1], [2, 1]]  # conf/model/crnn.yaml: width / 8
 FRAMES = functools.partial(output_length, pools=POOLS)
 
 
-def script(name: str):
-    """Import ``scripts/<name>.py`` as a module (to call its ``main`` in-process)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def render(output: Path, size: int, seed: int, *args: str) -> Path:
-    return script("render_dataset").main(["--size", str(size), "--seed", str(seed), "--output", str(output), *args])
+    arguments = ["--size", str(size), "--seed", str(seed), "--output", str(output), *args]
+    return load_script("render_dataset").main(arguments)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
     lmdbs = {}
     for split, folder in folders.items():
         lmdbs[split] = root / f"{split}_lmdb"
-        written = script("make_lmdb").main([str(folder), str(lmdbs[split])])
+        written = load_script("make_lmdb").main([str(folder), str(lmdbs[split])])
         assert written == len(folder.joinpath("gt.txt").read_text().splitlines())
     return {"folder": folders, "lmdb": lmdbs}
 
@@ -75,7 +67,7 @@ def test_make_lmdb_names_a_missing_image(rendered, tmp_path):
     broken.mkdir()
     (broken / "gt.txt").write_text("images/none.png\t12\n")
     with pytest.raises(BadInputError, match=r"gt\.txt:1: image .*none\.png.* not found"):
-        script("make_lmdb").main([str(broken), str(tmp_path / "out")])
+        load_script("make_lmdb").main([str(broken), str(tmp_path / "out")])
 
 
 def folder_module(dirs, **kwargs) -> FolderDataModule:
@@ -99,7 +91,7 @@ def test_output_length_matches_the_model(pools, kernel_size):
 
 
 ON_DISK_IMPORTS = """
-import builtins, importlib.util, sys
+import builtins, sys
 from pathlib import Path
 root, folder = Path.cwd(), sys.argv[1]
 importers = []  # files of this repository with an import statement of matplotlib
@@ -113,9 +105,7 @@ builtins.__import__ = recording_import
 import data, data.folder, data.lmdb
 from data import FolderDataModule
 FolderDataModule(folder, folder, folder).setup()
-import crnn.inference
-spec = importlib.util.spec_from_file_location("evaluate", root / "scripts" / "evaluate.py")
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import crnn.inference, scripts.evaluate
 print(importers, "data.synthetic" in sys.modules)
 """
 
@@ -343,11 +333,8 @@ def test_lmdb_bad_entries(tmp_path):
 
 
 def run(tmp_path: Path, dirs: dict[str, Path], data: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"paths.output_dir={tmp_path}", f"data={data}", *(f"data.{s}_dir={d}" for s, d in dirs.items()),
-            *overrides])
-    return train(cfg)
+    return train(compose_train(f"data={data}", *(f"data.{s}_dir={d}" for s, d in dirs.items()), *overrides,
+                               output_dir=tmp_path))
 
 
 @pytest.mark.parametrize("data", ["folder", "lmdb"])
