@@ -21,6 +21,7 @@ from losses import CTCLoss, required_frames
 
 log = logging.getLogger(__name__)
 
+
 class InputFormat(NamedTuple):
     """Image channels (1 grey, 3 RGB) and height in px that a recogniser takes."""
 

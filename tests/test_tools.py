@@ -56,6 +56,15 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_module(checkpoint):
     images, widths = torch.rand(3, 1, 32, 90), torch.tensor([90, 61, 17])
     with torch.no_grad():
         torch.testing.assert_close(module(images, widths), reference(images, widths), rtol=0, atol=0)
+    assert module.input_format == (1, 32)
+
+
+def test_input_format_follows_the_network_config():
+    """(channels, height) that read_image, evaluate and export use: the model's in_channels (grey without one)."""
+    rgb = {"_target_": "crnn.model.CRNN", "in_channels": 3, "channels": [4, 4, 4, 4, 4], "rnn_hidden": 8}
+    assert CRNNModule(charset="01", model=rgb, height=32).input_format == (3, 32)
+    grey = {key: value for key, value in rgb.items() if key != "in_channels"}
+    assert CRNNModule(charset="01", model=grey, height=32).input_format == (1, 32)
 
 
 def test_predict_prints_path_text_confidence_like_the_module(checkpoint, image_dir, capsys):
