@@ -5,21 +5,40 @@
 - :class:`FitClock`: ``time/fit_seconds`` with every validation (``scripts/sweep_report.py``'s time to a CER).
 - :class:`PredictionWriter`: every test line's reference and prediction in ``test_predictions.tsv``
   (``scripts/sweep_report.py``'s per-character error rates; :func:`read_predictions` reads it back).
+- :class:`EarlyStoppingAfterWarmup`: Lightning's early stopping whose patience counts only once the learning
+  rate has stopped rising.
+- :class:`TimeBudgetSchedule`: sizes a ``total_steps`` LR schedule (OneCycleLR) to ``trainer.max_time`` from the
+  step rate of the first steps, so a run with a time budget finishes its schedule.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import math
 import random
 import time
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, EarlyStopping
 
-__all__ = ["DataWaitTimer", "FitClock", "PredictionWriter", "RNGStateCheckpoint", "read_predictions"]
+__all__ = [
+    "DataWaitTimer",
+    "EarlyStoppingAfterWarmup",
+    "FitClock",
+    "PredictionWriter",
+    "RNGStateCheckpoint",
+    "TimeBudgetSchedule",
+    "read_predictions",
+]
+
+log = logging.getLogger(__name__)
 
 
 class DataWaitTimer(Callback):
@@ -187,3 +206,159 @@ def read_predictions(dirpath: str | Path) -> list[tuple[str, str]]:
         lines = file.read_text(encoding="utf-8").split("\n")[1:]  # drop the header
         pairs.extend(tuple(line.split("\t", 1)) for line in lines if line)
     return pairs
+
+
+def learning_rate(trainer: pl.Trainer) -> float | None:
+    """The first parameter group's learning rate of the first optimizer (``None`` before there is one)."""
+    return trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+
+
+class EarlyStoppingAfterWarmup(EarlyStopping):
+    """:class:`pytorch_lightning.callbacks.EarlyStopping` whose ``patience`` counts only after the warm-up.
+
+    A validation during warm-up (the learning rate rose over the last training step, as in OneCycleLR's first
+    ``pct_start``) can set a new best score, and non-finite values and ``stopping_threshold`` stop training as
+    usual, but a validation without improvement does not count towards ``patience``: a run still ramping up its
+    learning rate is not judged on a plateau. With a constant or decaying learning rate this is exactly
+    ``EarlyStopping``. Arguments are ``EarlyStopping``'s; why it stopped is in ``stopping_reason`` /
+    ``stopping_reason_message`` (Lightning's).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._learning_rates: list[float] = []  # of the last two training steps
+
+    @property
+    def in_warmup(self) -> bool:
+        """The learning rate rose over the last training step."""
+        return len(self._learning_rates) == 2 and self._learning_rates[1] > self._learning_rates[0]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        lr = learning_rate(trainer)  # the rate this step used: schedulers step after this hook
+        if lr is not None:
+            self._learning_rates = [*self._learning_rates[-1:], lr]
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        if not self.in_warmup:
+            return super()._evaluate_stopping_criteria(current)
+        patience, self.patience = self.patience, math.inf  # no stop for lack of improvement ...
+        try:
+            should_stop, reason = super()._evaluate_stopping_criteria(current)
+        finally:
+            self.patience = patience
+        self.wait_count = 0  # ... and warm-up validations do not count towards it
+        return should_stop, reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "learning_rates": list(self._learning_rates)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._learning_rates = list(state_dict.get("learning_rates", []))
+
+
+def duration_seconds(max_time: str | Mapping[str, float] | datetime.timedelta | None) -> float | None:
+    """``trainer.max_time`` in seconds: ``"DD:HH:MM:SS"``, a ``{days, hours, minutes, seconds}`` mapping or a
+    ``timedelta`` (the forms Lightning's ``Timer`` takes); ``None`` stays ``None``."""
+    if max_time is None:
+        return None
+    if isinstance(max_time, datetime.timedelta):
+        return max_time.total_seconds()
+    if isinstance(max_time, str):
+        parts = max_time.split(":")
+        if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"trainer.max_time must be DD:HH:MM:SS, got {max_time!r}")
+        days, hours, minutes, seconds = map(int, parts)
+        return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    return datetime.timedelta(**dict(max_time)).total_seconds()
+
+
+class TimeBudgetSchedule(Callback):
+    """Fits a ``total_steps`` LR schedule (OneCycleLR) to a time budget, so that the run ends its schedule.
+
+    With a time budget (``trainer.max_time``) and an epoch/step bound that the run cannot reach in it, a schedule
+    sized by that bound would be cut off by the budget mid-way (still in warm-up, or at a high learning rate).
+    This callback times the first ``measure_steps`` training steps (or the first epoch, if shorter), estimates how
+    many steps fit into the budget (``margin`` of the time left, the rest kept for validation runs), and if that is
+    fewer than the schedule's ``total_steps`` rebuilds the scheduler for that many steps (same arguments, advanced
+    to the current step) and sets ``trainer.max_steps`` to it, so training stops when the schedule ends. It logs
+    the numbers either way; nothing changes without a budget, with a schedule that fits, or with a scheduler that
+    has no ``total_steps`` or steps per epoch. The resized length is saved in checkpoints and restored on resume.
+
+    Args:
+        max_time: the budget, as ``trainer.max_time`` (``"DD:HH:MM:SS"``, a mapping or ``None``: inactive).
+        measure_steps: training steps timed before the schedule is sized (at least 2).
+        margin: share of the remaining budget planned for training steps, in ``(0, 1]``.
+    """
+
+    def __init__(self, max_time: str | Mapping[str, float] | None = None, measure_steps: int = 20,
+                 margin: float = 0.9) -> None:
+        if measure_steps < 2 or not 0.0 < margin <= 1.0:
+            raise ValueError(f"need measure_steps >= 2 and 0 < margin <= 1, got {measure_steps} and {margin}")
+        self.budget = duration_seconds(max_time)
+        self.measure_steps = measure_steps
+        self.margin = margin
+        self.total_steps: int | None = None  # the resized schedule's length, once sized
+        self.sized = False
+        self._start: float | None = None
+        self._first_step = 0
+        self._offset = 0.0  # budget seconds spent by earlier processes (restored from a checkpoint)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._first_step = time.perf_counter(), trainer.global_step
+        if self.total_steps is not None:  # resumed: the scheduler state already has the resized length
+            trainer.fit_loop.epoch_loop.max_steps = self.total_steps
+
+    def elapsed(self) -> float:
+        """Budget seconds spent so far, earlier processes' included."""
+        return self._offset + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        steps = trainer.global_step - self._first_step
+        first_epoch_done = trainer.current_epoch == 0 and batch_idx + 1 >= trainer.num_training_batches
+        if self.sized or self.budget is None or steps < 2 or (steps < self.measure_steps and not first_epoch_done):
+            return
+        self.sized = True
+        config = trainer.lr_scheduler_configs[0] if trainer.lr_scheduler_configs else None
+        if config is None or config.interval != "step" or not hasattr(config.scheduler, "total_steps"):
+            return
+        seconds_per_step = (time.perf_counter() - self._start) / steps
+        remaining = self.budget - self.elapsed()
+        fits = trainer.global_step + int(self.margin * remaining / seconds_per_step)
+        planned = config.scheduler.total_steps
+        if fits >= planned:
+            log.info("time budget %.0f s: %.2f steps/s over the first %d steps, the schedule's %d steps fit",
+                     self.budget, 1 / seconds_per_step, steps, planned)
+            return
+        self.total_steps = max(fits, trainer.global_step + 1)
+        config.scheduler = self._rebuilt(pl_module, config.scheduler, trainer.global_step)
+        trainer.fit_loop.epoch_loop.max_steps = self.total_steps
+        log.warning("time budget %.0f s (trainer.max_time): %.2f steps/s over the first %d steps, so the schedule's "
+                    "%d steps (%.0f s) do not fit; LR schedule resized to total_steps=%d and training stops there",
+                    self.budget, 1 / seconds_per_step, steps, planned, planned * seconds_per_step, self.total_steps)
+
+    def _rebuilt(self, pl_module: pl.LightningModule, old, step: int):
+        """A scheduler like ``old`` over ``self.total_steps`` steps (from the module's ``scheduler_factory``, the
+        config's partial), advanced so that the step Lightning takes after this hook brings it to ``step``."""
+        optimizer = old.optimizer
+        for group, initial in zip(optimizer.param_groups, old.base_lrs):
+            group["lr"] = initial  # the new scheduler starts from the same initial learning rate
+        factory = getattr(pl_module, "scheduler_factory", None)
+        if factory is None:
+            raise TypeError(f"cannot rebuild {type(old).__name__}: the module has no scheduler_factory")
+        with warnings.catch_warnings():  # stepping a fresh scheduler to `step` without optimizer steps is intended
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler = factory(optimizer, total_steps=self.total_steps)
+            for _ in range(step - 1):
+                scheduler.step()
+        return scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "sized": self.sized, "elapsed": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_steps, self.sized = state_dict["total_steps"], state_dict["sized"]
+        self._offset = float(state_dict["elapsed"])

@@ -14,12 +14,15 @@ from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
+from crnn.callbacks import TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
 from crnn.metrics import TextMetrics
 from data.charset import Charset
 from losses import CTCLoss, required_frames
 
 log = logging.getLogger(__name__)
+
+PROVISIONAL_STEPS = 10**9  # schedule length of a run bounded only by time, until TimeBudgetSchedule sizes it
 
 
 class InputFormat(NamedTuple):
@@ -181,13 +184,19 @@ class CRNNModule(pl.LightningModule):
 
     def _schedule_length(self) -> int:
         """Scheduler steps in the whole run (``total_steps`` of e.g. OneCycleLR): optimizer steps with
-        ``scheduler_interval="step"``, epochs with ``"epoch"``."""
+        ``scheduler_interval="step"``, epochs with ``"epoch"``. A run bounded only by a time budget (a
+        :class:`crnn.callbacks.TimeBudgetSchedule` with ``max_time``) gets a provisional length that the callback
+        replaces once it has measured the step rate."""
         if self.hparams.scheduler_interval == "epoch":
             total = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else math.inf
         else:
             total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(f"the scheduler needs the run's length in {self.hparams.scheduler_interval}s, but the "
-                             "trainer has no bound: set trainer.max_epochs (or +trainer.max_steps), give "
-                             "scheduler.total_steps, or pass scheduler=null")
-        return int(total)
+        if math.isfinite(total):
+            return int(total)
+        budgets = [callback for callback in self.trainer.callbacks
+                   if isinstance(callback, TimeBudgetSchedule) and callback.budget is not None]
+        if budgets and self.hparams.scheduler_interval == "step":
+            return PROVISIONAL_STEPS
+        raise ValueError(f"the scheduler needs the run's length in {self.hparams.scheduler_interval}s, but the "
+                         "trainer has no bound: set trainer.max_epochs (or +trainer.max_steps) or trainer.max_time, "
+                         "give scheduler.total_steps, or pass scheduler=null")

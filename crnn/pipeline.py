@@ -11,7 +11,9 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, Timer
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
+from crnn.callbacks import TimeBudgetSchedule
 from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,17 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> CRNNMod
 
 
 def stop_reason(trainer: pl.Trainer) -> str:
-    """Why ``trainer.fit`` ended: ``"fast_dev_run"``, ``"interrupted"``, ``"max_time"`` (the ``Timer`` ran out),
-    ``"max_steps"``, ``"max_epochs"``, or else ``"early_stopping"`` (``"callback"`` without an EarlyStopping)."""
+    """Why ``trainer.fit`` ended: ``"fast_dev_run"``, ``"interrupted"``, ``"time_budget"`` (the end of a schedule
+    that :class:`crnn.callbacks.TimeBudgetSchedule` sized to ``trainer.max_time``), ``"max_time"`` (the ``Timer``
+    ran out), ``"max_steps"``, ``"max_epochs"``, or else ``"early_stopping"`` (``"callback"`` without an
+    EarlyStopping; :func:`stop_detail` says which rule fired)."""
     if trainer.fast_dev_run:
         return "fast_dev_run"
     if trainer.interrupted:
         return "interrupted"
+    budgets = [callback for callback in trainer.callbacks if isinstance(callback, TimeBudgetSchedule)]
+    if any(budget.total_steps is not None and trainer.global_step >= budget.total_steps for budget in budgets):
+        return "time_budget"
     timers = [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
     if any(timer.time_remaining() is not None and timer.time_remaining() <= 0 for timer in timers):
         return "max_time"
@@ -57,6 +64,23 @@ def stop_reason(trainer: pl.Trainer) -> str:
     if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
         return "max_epochs"
     return "early_stopping" if trainer.early_stopping_callbacks else "callback"
+
+
+def stop_detail(trainer: pl.Trainer) -> str:
+    """Which rule of the early-stopping callback stopped ``fit``, e.g. ``val/cer < 0.003`` or ``no val/cer
+    improvement in 5 validations (best 0.0123)``; "" if none stopped it."""
+    for callback in trainer.early_stopping_callbacks:
+        monitor, order = callback.monitor, callback.order_dict[callback.mode]
+        detail = {
+            EarlyStoppingReason.STOPPING_THRESHOLD: f"{monitor} {order} {callback.stopping_threshold}",
+            EarlyStoppingReason.DIVERGENCE_THRESHOLD: f"{monitor} beyond {callback.divergence_threshold}",
+            EarlyStoppingReason.NON_FINITE_METRIC: f"{monitor} is not finite",
+            EarlyStoppingReason.PATIENCE_EXHAUSTED: f"no {monitor} improvement in {callback.patience} validations "
+                                                    f"(best {float(callback.best_score):.4f})",
+        }.get(callback.stopping_reason)
+        if detail:
+            return detail
+    return ""
 
 
 def train(cfg: DictConfig) -> dict[str, float | int | str]:
@@ -86,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fitted = {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
-              "steps": trainer.global_step, "stop_reason": stop_reason(trainer)}
+              "steps": trainer.global_step, "stop_reason": stop_reason(trainer), "stop_detail": stop_detail(trainer)}
     if fitted["stop_reason"] == "max_time":
         log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
                     "schedule ended; set trainer.max_time=null (or longer) to train fully",
@@ -112,6 +136,6 @@ def summary_line(metrics: dict[str, float | int | str]) -> str:
         f"val/cer={metrics['val/cer']:.4f} val/acc={metrics['val/acc']:.4f} "
         f"test/cer={metrics['test/cer']:.4f} test/acc={metrics['test/acc']:.4f} "
         f"epochs={metrics['epochs']} steps={metrics['steps']} train_seconds={metrics['train_seconds']:.1f} "
-        f"stop={metrics['stop_reason']} "
+        f"stop={metrics['stop_reason']}{' (' + metrics['stop_detail'] + ')' if metrics.get('stop_detail') else ''} "
         f"best_checkpoint={metrics['best_checkpoint'] or '-'}"
     )

@@ -1,5 +1,7 @@
-"""The callbacks of crnn/callbacks.py on a fake clock: data-wait share, fit clock (and its resume)."""
+"""The callbacks of crnn/callbacks.py: data-wait share and fit clock (fake clock), early stopping after the
+warm-up (against Lightning's), the LR schedule sized to a time budget (fake clock, against torch's OneCycleLR)."""
 
+import math
 import types
 from types import SimpleNamespace
 
@@ -7,7 +9,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from crnn import callbacks
+from crnn import callbacks, pipeline
+from crnn.pipeline import instantiate_dict
+
+from conftest import compose_train
 
 # --- data-wait timer ---------------------------------------------------------------------------------
 
@@ -144,3 +149,139 @@ def test_fit_clock_logs_fit_seconds_and_a_resumed_run_goes_on_counting(monkeypat
     now[0] = 512.0
     resumed.on_validation_epoch_end(trainer, module)
     assert logged == [("time/fit_seconds", 30.0), ("time/fit_seconds", 42.0)]
+
+
+# --- early stopping after the warm-up ----------------------------------------------------------------
+
+
+def stopping_run(callback, learning_rates, scores):
+    """Feeds ``callback`` one training step at each learning rate, then a validation with each score; returns
+    the index of the validation that stopped training (None if none did)."""
+    group = {"lr": None}
+    trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[group])])
+    for index, (lr, score) in enumerate(zip(learning_rates, scores)):
+        group["lr"] = lr
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        if callback._evaluate_stopping_criteria(torch.tensor(score))[0]:
+            return index
+    return None
+
+
+@pytest.mark.parametrize("learning_rates", [[1e-3] * 8, [1e-2 / (k + 1) for k in range(8)]], ids=["constant", "decay"])
+def test_early_stopping_after_warmup_is_lightnings_without_a_warmup(learning_rates):
+    scores = [0.5, 0.4, 0.45, 0.41, 0.42, 0.3, 0.35, 0.36]
+    ours = stopping_run(callbacks.EarlyStoppingAfterWarmup(monitor="val/cer", patience=2), learning_rates, scores)
+    lightning = pl.callbacks.EarlyStopping(monitor="val/cer", patience=2)
+    expected = next((i for i, s in enumerate(scores) if lightning._evaluate_stopping_criteria(torch.tensor(s))[0]),
+                    None)
+    assert ours == expected == 3
+
+
+def test_early_stopping_patience_counts_only_once_the_learning_rate_stops_rising():
+    warmup, decay = [1e-4, 2e-4, 3e-4, 4e-4], [3e-4, 2e-4, 1e-4, 5e-5]
+    plateau = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    callback = callbacks.EarlyStoppingAfterWarmup(monitor="val/cer", patience=2)
+    assert stopping_run(callback, warmup + decay, plateau) == 5  # the 2nd validation without improvement after it
+    assert callback.stopping_reason == pl.callbacks.early_stopping.EarlyStoppingReason.PATIENCE_EXHAUSTED
+    assert callback.patience == 2
+    # a threshold or a non-finite metric stops during the warm-up too
+    threshold = callbacks.EarlyStoppingAfterWarmup(monitor="val/cer", patience=2, stopping_threshold=0.1)
+    assert stopping_run(threshold, warmup, [0.5, 0.05, 0.5, 0.5]) == 1
+    assert stopping_run(callbacks.EarlyStoppingAfterWarmup(monitor="val/cer"), warmup, [0.5, math.nan]) == 1
+    # the learning rates travel in checkpoints: a resumed run knows it is still warming up
+    resumed = callbacks.EarlyStoppingAfterWarmup(monitor="val/cer", patience=2)
+    original = callbacks.EarlyStoppingAfterWarmup(monitor="val/cer", patience=2)
+    stopping_run(original, warmup[:2], plateau[:2])
+    resumed.load_state_dict(original.state_dict())
+    assert resumed.in_warmup and resumed.wait_count == 0
+
+
+# --- LR schedule sized to a time budget ------------------------------------------------------------------
+
+
+class Ticks(pl.Callback):
+    """Every training step takes ``seconds`` of the fake clock; records the learning rate each step used."""
+
+    def __init__(self, clock, seconds=1.0):
+        self.clock, self.seconds, self.rates = clock, seconds, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock.now += self.seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def budget_run(tmp_path, clock, *overrides, extra=()):
+    """A tiny digits run (10 steps per epoch, 1000 epochs) with a 60 s budget on the fake clock, 1 s per step;
+    ``extra`` callbacks join the configured ones."""
+    ticks = Ticks(clock)
+    cfg = compose_train("model=crnn_small", "data.train_size=160", "data.val_size=16", "data.test_size=16",
+                        "data.batch_size=16", "trainer.max_epochs=1000", "trainer.max_time=00:00:01:00",
+                        "callbacks.early_stopping=null", "callbacks.time_budget.measure_steps=5", *overrides,
+                        output_dir=tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "instantiate_dict", lambda node: [*instantiate_dict(node), ticks, *extra]
+                      if node is cfg.callbacks else instantiate_dict(node))
+        metrics = pipeline.train(cfg)
+    return metrics, ticks.rates, cfg
+
+
+def test_time_budget_sizes_the_one_cycle_schedule_from_the_first_steps(tmp_path, clock, caplog):
+    """5 s for 5 steps, 55 s left, 90 % of it planned: 5 + 49 = 54 steps; the run ends the resized schedule."""
+    metrics, rates, cfg = budget_run(tmp_path, clock)
+    assert metrics["stop_reason"] == "time_budget" and metrics["steps"] == 54
+    assert "resized to total_steps=54" in caplog.text
+    # the learning rates from then on are those of a OneCycleLR sized for 54 steps from the start
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.optimizer.lr)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.scheduler.max_lr, total_steps=54,
+                                                    pct_start=cfg.scheduler.pct_start)
+    expected = []
+    for _ in range(54):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert rates[5:] == pytest.approx(expected[5:], rel=1e-9)
+    assert rates[-1] < 1e-3 * cfg.scheduler.max_lr  # annealed to the end
+
+
+def test_time_budget_leaves_a_schedule_that_fits_alone(tmp_path, clock):
+    metrics, rates, _ = budget_run(tmp_path, clock, "trainer.max_epochs=3")  # 30 steps fit into 60 s
+    assert metrics["stop_reason"] == "max_epochs" and metrics["steps"] == 30
+
+
+def test_a_run_bounded_only_by_its_time_budget_trains_a_sized_schedule(tmp_path, clock):
+    metrics, _, _ = budget_run(tmp_path, clock, "trainer.max_epochs=-1")
+    assert metrics["stop_reason"] == "time_budget" and metrics["steps"] == 54
+
+
+def test_duration_seconds_reads_lightnings_max_time_forms():
+    assert callbacks.duration_seconds("01:02:03:04") == 93784
+    assert callbacks.duration_seconds({"minutes": 10}) == 600 and callbacks.duration_seconds(None) is None
+    with pytest.raises(ValueError, match="DD:HH:MM:SS"):
+        callbacks.duration_seconds("10:00")
+
+
+class StopAt(pl.Callback):
+    """Raises :class:`Stopped` before training step ``step`` (stands for a killed process)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Stopped
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_resumed_run_keeps_its_sized_schedule(tmp_path, clock):
+    """Killed at step 25 (after the sizing at step 5 and the checkpoint of step 20), resumed: same 54 steps."""
+    with pytest.raises(Stopped):
+        budget_run(tmp_path, clock, extra=[StopAt(25)])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    metrics, rates, _ = budget_run(tmp_path, clock, f"ckpt_path={last}")
+    assert metrics["stop_reason"] == "time_budget" and metrics["steps"] == 54
+    assert len(rates) == 54 - 20  # resumed after step 20

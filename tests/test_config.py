@@ -209,3 +209,19 @@ def test_every_callback_class_has_a_config():
             if isinstance(node, dict) and str(node.get("_target_", "")).startswith("crnn.callbacks."):
                 targets.add(node["_target_"].removeprefix("crnn.callbacks."))
     assert classes == targets
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_only_the_digits_quick_start_stops_at_a_threshold_and_has_a_time_guard(option):
+    """conf/data_schedule/digits.yaml: its quick start's 0.3 % threshold and 2-minute budget; every other data set
+    trains to its schedule's end (or to patience after the warm-up), unbounded in time."""
+    cfg = compose_train(f"data={option}")
+    early_stopping, max_time = cfg.callbacks.early_stopping, cfg.trainer.max_time
+    assert early_stopping._target_ == "crnn.callbacks.EarlyStoppingAfterWarmup"
+    if option == "digits":
+        assert (early_stopping.stopping_threshold, max_time) == (0.003, "00:00:02:00")
+    else:
+        assert (early_stopping.stopping_threshold, max_time) == (None, None)
+    assert cfg.callbacks.time_budget.max_time == max_time  # the schedule is sized to the same budget
+    overridden = compose_train(f"data={option}", "callbacks.early_stopping.stopping_threshold=0.01")
+    assert overridden.callbacks.early_stopping.stopping_threshold == 0.01  # the command line still wins

@@ -343,7 +343,7 @@ def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data, channels):
     """Grey or RGB (``data.channels=3``: the model's ``in_channels`` follows)."""
     metrics = run(tmp_path, rendered[data], data, "debug=fast_dev_run", "model=crnn_small", f"data.channels={channels}")
     assert metrics["steps"] == 1
-    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason", "stop_detail"))
 
 
 def test_debug_overfit_on_a_folder_uses_its_first_batches(rendered, tmp_path):

@@ -14,12 +14,12 @@ import pytorch_lightning as pl
 import torch
 
 from crnn.module import CRNNModule
-from crnn.pipeline import train
+from crnn.pipeline import summary_line, train
 
 from conftest import ROOT, compose_train, config_options
 
 LOSSES = config_options("loss")
-REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "stop_reason",
+REPORTED = {"val/cer", "val/acc", "test/cer", "test/acc", "train_seconds", "epochs", "steps", "stop_reason", "stop_detail",
             "best_checkpoint"}
 
 
@@ -27,7 +27,7 @@ def run(tmp_path: Path, *overrides: str) -> dict:
     metrics = train(compose_train(*overrides, output_dir=tmp_path))
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
     assert REPORTED <= set(metrics)
-    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason"))
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason", "stop_detail"))
     return metrics
 
 
@@ -66,18 +66,23 @@ def test_short_run_saves_a_checkpoint_that_rebuilds_the_model(tmp_path):
 
 
 def test_a_run_cut_short_by_max_time_says_so(tmp_path, caplog):
+    """Without the schedule sizing of callbacks/time_budget.yaml, max_time cuts the schedule, with a warning."""
     metrics = run(tmp_path, *TINY, "trainer.max_epochs=50", "trainer.max_time=00:00:00:01",
-                  "callbacks.early_stopping=null")
+                  "callbacks.early_stopping=null", "callbacks.time_budget=null")
     assert metrics["stop_reason"] == "max_time" and metrics["epochs"] < 50
     assert "stopped by trainer.max_time=00:00:00:01" in caplog.text and "trainer.max_time=null" in caplog.text
 
 
-@pytest.mark.parametrize(("overrides", "reason"), [
-    (["+trainer.max_steps=3"], "max_steps"),
-    (["callbacks.early_stopping.stopping_threshold=1.01"], "early_stopping"),  # any val CER is below 1.01
+@pytest.mark.parametrize(("overrides", "reason", "detail"), [
+    (["+trainer.max_steps=3"], "max_steps", ""),
+    (["callbacks.early_stopping.stopping_threshold=1.01"], "early_stopping", "val/cer < 1.01"),  # any CER is
+    (["callbacks.early_stopping.patience=1", "scheduler=null", "optimizer.lr=0"], "early_stopping",  # no learning
+     "no val/cer improvement in 1 validations (best "),
 ])
-def test_stop_reason(overrides, reason, tmp_path):
-    assert run(tmp_path, *TINY, "trainer.max_epochs=4", *overrides)["stop_reason"] == reason
+def test_stop_reason(overrides, reason, detail, tmp_path):
+    metrics = run(tmp_path, *TINY, "trainer.max_epochs=4", *overrides)
+    assert metrics["stop_reason"] == reason and metrics["stop_detail"].startswith(detail)
+    assert f"stop={reason}{f' ({detail}' if detail else ' '}" in summary_line(metrics)
 
 
 def test_one_cycle_stepped_per_epoch_spans_the_epochs(tmp_path, caplog):
@@ -92,8 +97,10 @@ def test_one_cycle_stepped_per_epoch_spans_the_epochs(tmp_path, caplog):
 
 
 def test_one_cycle_without_a_bound_on_the_run_says_what_to_set(tmp_path):
-    with pytest.raises(ValueError, match="set trainer.max_epochs"):
-        run(tmp_path, *TINY, "trainer.max_epochs=-1", "trainer.max_time=00:00:00:05")
+    with pytest.raises(ValueError, match="set trainer.max_epochs .* or trainer.max_time"):
+        run(tmp_path, *TINY, "trainer.max_epochs=-1")
+    with pytest.raises(ValueError, match="set trainer.max_epochs"):  # a time bound, but nothing sizes the schedule
+        run(tmp_path, *TINY, "trainer.max_epochs=-1", "trainer.max_time=00:00:00:05", "callbacks.time_budget=null")
 
 
 TRAINING_TEXTS: list[set[str]] = []  # per epoch, filled by TrainingTextRecorder
