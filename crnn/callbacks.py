@@ -40,6 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PROVISIONAL_STEPS = 10**9  # schedule length of a run bounded only by time, until TimeBudgetSchedule sizes it
+
 
 class DataWaitTimer(Callback):
     """Logs ``perf/data_wait_share``: the share of a training epoch spent outside training steps.
@@ -283,9 +285,10 @@ class TimeBudgetSchedule(Callback):
     This callback times the first ``measure_steps`` training steps (or the first epoch, if shorter), estimates how
     many steps fit into the budget (``margin`` of the time left, the rest kept for validation runs), and if that is
     fewer than the schedule's ``total_steps`` rebuilds the scheduler for that many steps (same arguments, advanced
-    to the current step) and sets ``trainer.max_steps`` to it, so training stops when the schedule ends. It logs
-    the numbers either way; nothing changes without a budget, with a schedule that fits, or with a scheduler that
-    has no ``total_steps`` or steps per epoch. The resized length is saved in checkpoints and restored on resume.
+    to the current step) and sets ``trainer.max_steps`` to it, so training stops when the schedule ends (under
+    data-parallel training, rank 0's estimate for every process). It logs the numbers either way; nothing changes
+    without a budget, with a schedule that fits, or with a scheduler that has no ``total_steps`` or steps per
+    epoch. The resized length is saved in checkpoints and restored on resume.
 
     Args:
         max_time: the budget, as ``trainer.max_time`` (``"DD:HH:MM:SS"``, a mapping or ``None``: inactive).
@@ -325,9 +328,10 @@ class TimeBudgetSchedule(Callback):
         config = trainer.lr_scheduler_configs[0] if trainer.lr_scheduler_configs else None
         if config is None or config.interval != "step" or not hasattr(config.scheduler, "total_steps"):
             return
-        seconds_per_step = (time.perf_counter() - self._start) / steps
+        seconds_per_step = max(time.perf_counter() - self._start, 1e-9) / steps
         remaining = self.budget - self.elapsed()
-        fits = trainer.global_step + int(self.margin * remaining / seconds_per_step)
+        fits = trainer.global_step + max(0, int(self.margin * remaining / seconds_per_step))
+        fits = trainer.strategy.broadcast(fits, src=0)  # data-parallel: every process stops at the same step
         planned = config.scheduler.total_steps
         if fits >= planned:
             log.info("time budget %.0f s: %.2f steps/s over the first %d steps, the schedule's %d steps fit",
@@ -336,9 +340,11 @@ class TimeBudgetSchedule(Callback):
         self.total_steps = max(fits, trainer.global_step + 1)
         config.scheduler = self._rebuilt(pl_module, config.scheduler, trainer.global_step)
         trainer.fit_loop.epoch_loop.max_steps = self.total_steps
-        log.warning("time budget %.0f s (trainer.max_time): %.2f steps/s over the first %d steps, so the schedule's "
-                    "%d steps (%.0f s) do not fit; LR schedule resized to total_steps=%d and training stops there",
-                    self.budget, 1 / seconds_per_step, steps, planned, planned * seconds_per_step, self.total_steps)
+        planned_text = ("an unbounded run" if planned >= PROVISIONAL_STEPS else
+                        f"the schedule's {planned} steps ({planned * seconds_per_step:.0f} s) do not fit")
+        log.warning("time budget %.0f s (trainer.max_time): %.2f steps/s over the first %d steps, %s; LR schedule "
+                    "resized to total_steps=%d and training stops there", self.budget, 1 / seconds_per_step, steps,
+                    planned_text, self.total_steps)
 
     def _rebuilt(self, pl_module: pl.LightningModule, old, step: int):
         """A scheduler like ``old`` over ``self.total_steps`` steps (from the module's ``scheduler_factory``, the

@@ -14,15 +14,13 @@ from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from crnn.callbacks import TimeBudgetSchedule
+from crnn.callbacks import PROVISIONAL_STEPS, TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
 from crnn.metrics import TextMetrics
 from data.charset import Charset
 from losses import CTCLoss, required_frames
 
 log = logging.getLogger(__name__)
-
-PROVISIONAL_STEPS = 10**9  # schedule length of a run bounded only by time, until TimeBudgetSchedule sizes it
 
 
 class InputFormat(NamedTuple):
