@@ -325,13 +325,18 @@ class TimeBudgetSchedule(Callback):
         if self.sized or self.budget is None or steps < 2 or (steps < self.measure_steps and not first_epoch_done):
             return
         self.sized = True
-        config = trainer.lr_scheduler_configs[0] if trainer.lr_scheduler_configs else None
-        if config is None or config.interval != "step" or not hasattr(config.scheduler, "total_steps"):
-            return
         seconds_per_step = max(time.perf_counter() - self._start, 1e-9) / steps
         remaining = self.budget - self.elapsed()
         fits = trainer.global_step + max(0, int(self.margin * remaining / seconds_per_step))
         fits = trainer.strategy.broadcast(fits, src=0)  # data-parallel: every process stops at the same step
+        config = trainer.lr_scheduler_configs[0] if trainer.lr_scheduler_configs else None
+        if config is None or config.interval != "step" or not hasattr(config.scheduler, "total_steps"):
+            if trainer.estimated_stepping_batches > fits:  # nothing to resize: say that the budget will cut the run
+                log.warning("time budget %.0f s (trainer.max_time): %.2f steps/s over the first %d steps, about %d "
+                            "steps fit, the run is set for %s; the budget will stop it first (only a per-step "
+                            "total_steps schedule such as OneCycleLR is resized to fit)", self.budget,
+                            1 / seconds_per_step, steps, fits, trainer.estimated_stepping_batches)
+            return
         planned = config.scheduler.total_steps
         if fits >= planned:
             log.info("time budget %.0f s: %.2f steps/s over the first %d steps, the schedule's %d steps fit",

@@ -285,3 +285,10 @@ def test_a_resumed_run_keeps_its_sized_schedule(tmp_path, clock):
     metrics, rates, _ = budget_run(tmp_path, clock, f"ckpt_path={last}")
     assert metrics["stop_reason"] == "time_budget" and metrics["steps"] == 54
     assert len(rates) == 54 - 20  # resumed after step 20
+
+
+def test_time_budget_warns_when_it_cannot_resize_the_schedule(tmp_path, clock, caplog):
+    """A per-epoch schedule is not resized: the callback says at the start that the budget will cut the run."""
+    metrics, _, _ = budget_run(tmp_path, clock, "trainer.max_epochs=8", "module.scheduler_interval=epoch")
+    assert "about 54 steps fit, the run is set for 80" in caplog.text
+    assert metrics["stop_reason"] in ("max_epochs", "max_time")  # the fake clock does not move Lightning's Timer
