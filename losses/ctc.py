@@ -112,7 +112,7 @@ def ctc_loss(
     check_reduction(reduction)
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
     states, can_skip = extended_targets(checked.padded, blank)
-    log_probs = log_probs.to(compute_dtype(log_probs.dtype))
+    log_probs, corrupt = isolate_corrupt_samples(log_probs.to(compute_dtype(log_probs.dtype)), checked.input_lengths)
     if backward == "autograd":
         index = states[None].expand(log_probs.shape[0], -1, -1)
         log_likelihood = alpha_recursion_autograd(
@@ -121,7 +121,25 @@ def ctc_loss(
         losses = -log_likelihood
     else:
         losses = AlphaBetaCTC.apply(log_probs, states, can_skip, checked.input_lengths, checked.target_lengths)
+    losses = torch.where(corrupt, torch.inf, losses)  # zero gradient into the stand-in log-probs
     return finish_loss(losses, checked.target_lengths, reduction, zero_infinity)
+
+
+def isolate_corrupt_samples(log_probs: torch.Tensor, input_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep NaN / +inf log-probs of one sample from reaching any other.
+
+    The alpha-beta recursion runs all samples' states as one flat row, so a NaN (``NaN + -inf``) or ``+inf``
+    (``inf + -inf``) would leak through the padding columns into the next sample. Every such entry is replaced by
+    0 here, so the recursions see finite numbers only (and its gradient is 0); a sample with one on a valid frame
+    (``t < input_length``) is *corrupt*: the caller reports its loss as ``inf`` (0 under ``zero_infinity``).
+    Entries past a sample's input length are ignored, like every other value there.
+
+    Returns ``(log_probs (T, B, C) with the entries replaced, corrupt (B,) bool)``; no host sync.
+    """
+    broken = log_probs.isnan() | log_probs.isposinf()  # (T, B, C)
+    valid = (torch.arange(log_probs.shape[0], device=log_probs.device)[:, None] < input_lengths)[..., None]
+    corrupt = (broken & valid).any(2).any(0)
+    return torch.where(broken, torch.zeros_like(log_probs), log_probs), corrupt
 
 
 class PythonCTCLoss(CTCLossBase):

@@ -264,3 +264,40 @@ def test_bad_arguments_raise_value_error_naming_the_argument(change, argument):
     kwargs = {**GOOD, **change}
     with pytest.raises(ValueError, match=argument):
         ctc_loss(**kwargs)
+
+
+def corrupted(log_probs, value, frame, sample=1, klass=2):
+    """A copy of ``log_probs (T, B, C)`` with ``value`` (NaN, +inf) at one entry."""
+    broken = log_probs.detach().clone()
+    broken[frame, sample, klass] = value
+    return broken
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "posinf"])
+def test_one_corrupt_sample_stays_one_corrupt_sample(mode, value):
+    """NaN / +inf on a valid frame of sample 1: its loss is inf (0 under zero_infinity) with zero gradient; every
+    other sample's loss is the float64 built-in's on the clean batch and its gradient that of the clean batch.
+    Past a sample's input length the value is ignored like any other there."""
+    batch = ctc_batch(5, dtype=torch.float64)
+    log_probs, targets, input_lengths, target_lengths = batch.args()
+    log_probs = log_probs.detach()
+    others = torch.arange(log_probs.shape[1]) != 1
+    reference = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none")
+    clean = log_probs.clone().requires_grad_()
+    clean_losses = ctc_loss(clean, targets, input_lengths, target_lengths, reduction="none", backward=mode)
+    (clean_grad,) = torch.autograd.grad(clean_losses[others].sum(), clean)
+    for zero_infinity in (False, True):
+        leaf = corrupted(log_probs, value, frame=0).requires_grad_()
+        losses = ctc_loss(leaf, targets, input_lengths, target_lengths, reduction="none",
+                          zero_infinity=zero_infinity, backward=mode)
+        assert losses[1].item() == (0.0 if zero_infinity else float("inf"))
+        torch.testing.assert_close(losses[others], reference[others])
+        (grad,) = torch.autograd.grad(losses.masked_fill(losses.isinf(), 0.0).sum(), leaf)
+        assert grad.isfinite().all() and (grad[:, 1] == 0).all()
+        torch.testing.assert_close(grad, clean_grad)
+    short = int(input_lengths[1])
+    assert short < log_probs.shape[0]  # sample 1 is shorter than the batch: frame `short` is past its end
+    losses = ctc_loss(corrupted(log_probs, value, frame=short), targets, input_lengths, target_lengths,
+                      reduction="none", backward=mode)
+    torch.testing.assert_close(losses, reference)

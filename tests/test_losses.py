@@ -22,6 +22,7 @@ from losses import (
     CTCLoss,
     FocalCTCLoss,
     MaxEntropyCTCLoss,
+    PythonCTCLoss,
     ReweightedCTCLoss,
     SmoothedCTCLoss,
     ctc_loss,
@@ -831,3 +832,30 @@ def test_zero_probability_sample_behaves_like_ctc(name, zero_infinity):
         (grad,) = torch.autograd.grad(value.sum(), log_probs)
         assert not grad.isnan().any(), grad
         assert (grad[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: FocalCTCLoss(**kw), lambda **kw: ReweightedCTCLoss(**kw), lambda **kw: SmoothedCTCLoss(**kw),
+    lambda **kw: MaxEntropyCTCLoss(**kw), lambda **kw: PythonCTCLoss(**kw),
+    lambda **kw: PythonCTCLoss(backward="autograd", **kw),
+], ids=["focal", "reweighted", "smoothed", "maxent", "python_ctc", "python_ctc_autograd"])
+def test_every_loss_keeps_a_corrupt_sample_to_itself(make):
+    """A NaN in sample 1's log-probs: its loss is inf (0 under zero_infinity) with zero gradient; the other samples
+    get exactly the losses and gradients the module gives them in a batch without sample 1."""
+    batch = random_batch(11, frames=8, classes=5, batch=4, max_label_len=3, feasible=True, min_input_length=1)
+    log_probs, targets, input_lengths, target_lengths = batch.args()
+    log_probs = log_probs.detach()
+    keep = [0, 2, 3]
+    alone = log_probs[:, keep].clone().requires_grad_()
+    expected = make(reduction="none")(alone, targets[keep], input_lengths[keep], target_lengths[keep])
+    (expected_grad,) = torch.autograd.grad(expected.sum(), alone)
+    for zero_infinity in (False, True):
+        broken = log_probs.clone()
+        broken[0, 1, 1] = float("nan")
+        leaf = broken.requires_grad_()
+        losses = make(reduction="none", zero_infinity=zero_infinity)(leaf, targets, input_lengths, target_lengths)
+        assert losses[1].item() == (0.0 if zero_infinity else math.inf)
+        close(losses[keep].detach(), expected.detach())
+        (grad,) = torch.autograd.grad(losses.masked_fill(losses.isinf(), 0.0).sum(), leaf)
+        assert grad.isfinite().all() and (grad[:, 1] == 0).all()
+        close(grad[:, keep], expected_grad)
