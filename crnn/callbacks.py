@@ -13,20 +13,18 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import random
 import time
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping
+from pytorch_lightning.callbacks import Callback, EarlyStopping, Timer
 
 __all__ = [
     "DataWaitTimer",
@@ -261,22 +259,6 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
         self._learning_rates = list(state_dict.get("learning_rates", []))
 
 
-def duration_seconds(max_time: str | Mapping[str, float] | datetime.timedelta | None) -> float | None:
-    """``trainer.max_time`` in seconds: ``"DD:HH:MM:SS"``, a ``{days, hours, minutes, seconds}`` mapping or a
-    ``timedelta`` (the forms Lightning's ``Timer`` takes); ``None`` stays ``None``."""
-    if max_time is None:
-        return None
-    if isinstance(max_time, datetime.timedelta):
-        return max_time.total_seconds()
-    if isinstance(max_time, str):
-        parts = max_time.split(":")
-        if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
-            raise ValueError(f"trainer.max_time must be DD:HH:MM:SS, got {max_time!r}")
-        days, hours, minutes, seconds = map(int, parts)
-        return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
-    return datetime.timedelta(**dict(max_time)).total_seconds()
-
-
 class TimeBudgetSchedule(Callback):
     """Fits a ``total_steps`` LR schedule (OneCycleLR) to a time budget, so that the run ends its schedule.
 
@@ -290,17 +272,18 @@ class TimeBudgetSchedule(Callback):
     without a budget, with a schedule that fits, or with a scheduler that has no ``total_steps`` or steps per
     epoch. The resized length is saved in checkpoints and restored on resume.
 
+    The budget is that of the ``Timer`` Lightning builds from ``trainer.max_time`` (read in :meth:`setup`, before
+    the optimizers are configured); without one the callback does nothing.
+
     Args:
-        max_time: the budget, as ``trainer.max_time`` (``"DD:HH:MM:SS"``, a mapping or ``None``: inactive).
         measure_steps: training steps timed before the schedule is sized (at least 2).
         margin: share of the remaining budget planned for training steps, in ``(0, 1]``.
     """
 
-    def __init__(self, max_time: str | Mapping[str, float] | None = None, measure_steps: int = 20,
-                 margin: float = 0.9) -> None:
+    def __init__(self, measure_steps: int = 20, margin: float = 0.9) -> None:
         if measure_steps < 2 or not 0.0 < margin <= 1.0:
             raise ValueError(f"need measure_steps >= 2 and 0 < margin <= 1, got {measure_steps} and {margin}")
-        self.budget = duration_seconds(max_time)
+        self.budget: float | None = None  # seconds, from the trainer's Timer
         self.measure_steps = measure_steps
         self.margin = margin
         self.total_steps: int | None = None  # the resized schedule's length, once sized
@@ -308,6 +291,11 @@ class TimeBudgetSchedule(Callback):
         self._start: float | None = None
         self._first_step = 0
         self._offset = 0.0  # budget seconds spent by earlier processes (restored from a checkpoint)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        self.budget = None if remaining is None else timer.time_elapsed() + remaining  # trainer.max_time
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._first_step = time.perf_counter(), trainer.global_step
@@ -354,15 +342,12 @@ class TimeBudgetSchedule(Callback):
     def _rebuilt(self, pl_module: pl.LightningModule, old, step: int):
         """A scheduler like ``old`` over ``self.total_steps`` steps (from the module's ``scheduler_factory``, the
         config's partial), advanced so that the step Lightning takes after this hook brings it to ``step``."""
-        optimizer = old.optimizer
-        for group, initial in zip(optimizer.param_groups, old.base_lrs):
-            group["lr"] = initial  # the new scheduler starts from the same initial learning rate
         factory = getattr(pl_module, "scheduler_factory", None)
         if factory is None:
             raise TypeError(f"cannot rebuild {type(old).__name__}: the module has no scheduler_factory")
         with warnings.catch_warnings():  # stepping a fresh scheduler to `step` without optimizer steps is intended
             warnings.simplefilter("ignore", UserWarning)
-            scheduler = factory(optimizer, total_steps=self.total_steps)
+            scheduler = factory(old.optimizer, total_steps=self.total_steps)
             for _ in range(step - 1):
                 scheduler.step()
         return scheduler

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import runpy
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 TOOLS = {  # command -> module of scripts/
     "predict": "predict",
@@ -35,9 +37,8 @@ def usage() -> str:
 
 def summary(module: str) -> str:
     """First line of a tool's docstring, read without importing it (importing torch for --help is slow)."""
-    spec = importlib.util.find_spec(f"scripts.{module}")
-    with open(spec.origin, encoding="utf-8") as f:
-        return f.read().split('"""', 2)[1].strip().splitlines()[0].replace("``", "")
+    source = Path(importlib.util.find_spec(f"scripts.{module}").origin).read_text(encoding="utf-8")
+    return ast.get_docstring(ast.parse(source)).splitlines()[0].replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

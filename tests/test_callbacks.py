@@ -255,13 +255,6 @@ def test_a_run_bounded_only_by_its_time_budget_trains_a_sized_schedule(tmp_path,
     assert metrics["stop_reason"] == "time_budget" and metrics["steps"] == 54
 
 
-def test_duration_seconds_reads_lightnings_max_time_forms():
-    assert callbacks.duration_seconds("01:02:03:04") == 93784
-    assert callbacks.duration_seconds({"minutes": 10}) == 600 and callbacks.duration_seconds(None) is None
-    with pytest.raises(ValueError, match="DD:HH:MM:SS"):
-        callbacks.duration_seconds("10:00")
-
-
 class StopAt(pl.Callback):
     """Raises :class:`Stopped` before training step ``step`` (stands for a killed process)."""
 
