@@ -3,14 +3,25 @@
 import hydra
 from omegaconf import DictConfig
 
-from crnn.pipeline import summary_line, train
+from crnn.errors import ConfigError, RunFailed
+from crnn.pipeline import remove_unstarted_run, report, summary_line, train
+from data import BadInputError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Fit, test the best checkpoint, print one summary line; return ``cfg.optimized_metric`` for sweepers."""
-    metrics = train(cfg)
-    print(summary_line(metrics))
+    """Fit, test the best checkpoint, print one summary line; return ``cfg.optimized_metric`` for sweepers.
+
+    A failed run (:class:`crnn.errors.RunFailed`, bad input data) ends with its one-line message and exit
+    status 1; a run stopped by a config error leaves no run directory behind."""
+    try:
+        metrics = train(cfg)
+    except ConfigError:
+        remove_unstarted_run(cfg.paths.output_dir)
+        raise
+    except BadInputError as err:
+        raise RunFailed(str(err)) from err
+    report(summary_line(metrics))
     return float(metrics[cfg.optimized_metric])
 
 

@@ -9,6 +9,11 @@
   rate has stopped rising.
 - :class:`TimeBudgetSchedule`: sizes a ``total_steps`` LR schedule (OneCycleLR) to ``trainer.max_time`` from the
   step rate of the first steps, so a run with a time budget finishes its schedule.
+- :class:`NonFiniteGuard`: skips optimizer steps with a non-finite loss, output or gradient; stops a diverged run.
+- :class:`InterruptCheckpoint`: on Ctrl-C / SIGTERM saves ``last.ckpt`` before Lightning shuts down.
+- :class:`CTCDiagnostics`: blank shares and a warning when the network collapses to all-blank output.
+- :class:`SkippedSamples`: logs and counts samples the loader skipped (images that fail to decode mid-epoch).
+- :class:`LineProgressBar`: Lightning's progress bars on a terminal, periodic log lines elsewhere.
 """
 
 from __future__ import annotations
@@ -21,17 +26,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, Timer
+from pytorch_lightning.callbacks import Callback, EarlyStopping, Timer, TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from crnn.errors import TrainingDiverged
+from losses import ctc_alignment_targets
 
 __all__ = [
+    "CTCDiagnostics",
     "DataWaitTimer",
     "EarlyStoppingAfterWarmup",
     "FitClock",
+    "InterruptCheckpoint",
+    "LineProgressBar",
+    "NonFiniteGuard",
     "PredictionWriter",
     "RNGStateCheckpoint",
+    "SkippedSamples",
     "TimeBudgetSchedule",
     "read_predictions",
 ]
@@ -358,3 +374,236 @@ class TimeBudgetSchedule(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_steps, self.sized = state_dict["total_steps"], state_dict["sized"]
         self._offset = float(state_dict["elapsed"])
+
+
+class NonFiniteGuard(Callback):
+    """Skips every optimizer step whose loss, network output or gradient is not finite; stops a run that diverged.
+
+    Before each optimizer step it reads, in one host sync, the step's loss and log-probs (``pl_module.last_step``,
+    a :class:`crnn.module.StepOutputs`) and the 2-norm of all gradients. The outputs matter because under
+    ``zero_infinity`` a sample with NaN log-probs has loss 0 and zero gradient, so a network that already produces
+    NaN would otherwise train on silently. A bad step's gradients are dropped (set to ``None``: the optimizer
+    changes no weight, weight decay and momentum included), a warning is logged and ``train/nonfinite_batches``
+    (the count so far) goes up; ``max_in_a_row`` bad steps in a row raise :class:`crnn.errors.TrainingDiverged`
+    naming the step, the last finite loss and the likely causes, and any validation of non-finite weights does
+    too, so no such model is ever checkpointed. ``train/grad_norm`` (before clipping) is logged every step.
+
+    Under ``16-mixed`` precision the gradient scaler owns inf/NaN gradients (it skips those steps and lowers its
+    scale), so there only the loss and outputs are checked. Under data-parallel training a step is skipped on
+    every process if it is bad on any.
+
+    Args:
+        max_in_a_row: consecutive non-finite steps that stop training.
+    """
+
+    def __init__(self, max_in_a_row: int = 5) -> None:
+        if max_in_a_row < 1:
+            raise ValueError(f"max_in_a_row must be >= 1, got {max_in_a_row}")
+        self.max_in_a_row = max_in_a_row
+        self.skipped = 0  # non-finite steps in this run (restored on resume)
+        self.in_a_row = 0
+        self.last_finite: tuple[int, float] | None = None  # (step, train loss)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        step = getattr(pl_module, "last_step", None)
+        device = grad_norm.device
+        loss = step.loss.float().to(device) if step is not None else torch.zeros((), device=device)
+        # NaN or +inf (-inf is a log-prob of 0, which a confident network may produce)
+        outputs_finite = (step.log_probs < math.inf).all().to(device) if step is not None else torch.tensor(True)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_value, outputs_ok, norm = torch.stack([loss, outputs_finite.float().to(device), grad_norm.float()]).tolist()
+        problems = [what for what, bad in (("loss", not math.isfinite(loss_value)), ("outputs", not outputs_ok),
+                                           ("gradients", scaler is None and not math.isfinite(norm))) if bad]
+        if trainer.strategy.reduce_boolean_decision(bool(problems), all=False):
+            self._skip(trainer, pl_module, optimizer, problems or ["values on another process"])
+        else:
+            self.in_a_row = 0
+            self.last_finite = (trainer.global_step, loss_value)
+        pl_module.log("train/grad_norm", norm)
+        pl_module.log("train/nonfinite_batches", float(self.skipped))
+
+    def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, problems: list[str]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.in_a_row += 1
+        log.warning("step %d: non-finite %s, batch skipped (%d non-finite so far, %d in a row of at most %d)",
+                    trainer.global_step, " and ".join(problems), self.skipped, self.in_a_row, self.max_in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingDiverged(f"training diverged: {self.in_a_row} steps in a row up to step "
+                                   f"{trainer.global_step} had non-finite {' and '.join(problems)}; "
+                                   f"{self._last_finite()}; {self.likely_causes(trainer)}")
+
+    def _last_finite(self) -> str:
+        if self.last_finite is None:
+            return "no step had a finite loss"
+        return f"last finite train/loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+
+    @staticmethod
+    def likely_causes(trainer: pl.Trainer) -> str:
+        """The usual remedies, with the run's learning rate, precision and clipping."""
+        lr = learning_rate(trainer)
+        causes = [f"a learning rate too high (lr {lr:.3g} at this step: lower optimizer.lr)"]
+        if trainer.precision not in ("32-true", "64-true", "32", "64"):
+            causes.append(f"reduced precision (trainer.precision={trainer.precision}: try 32-true or bf16-mixed)")
+        if not trainer.gradient_clip_val:
+            causes.append("no gradient clipping (set trainer.gradient_clip_val, e.g. 5)")
+        return "likely causes: " + ", ".join(causes) + ", or broken input data"
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        bad = [name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise TrainingDiverged(f"training diverged: non-finite weights at step {trainer.global_step} "
+                                   f"({', '.join(bad[:3]) or 'on another process'}); {self._last_finite()}; "
+                                   f"{self.likely_causes(trainer)}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped, self.in_a_row = state_dict["skipped"], state_dict["in_a_row"]
+
+
+class InterruptCheckpoint(Callback):
+    """Saves the training state to ``path`` when Ctrl-C (SIGINT) or SIGTERM interrupts ``fit``, so that
+    ``python train.py ... ckpt_path=<path>`` resumes from there.
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` at the next batch boundary and Ctrl-C into a
+    ``KeyboardInterrupt`` wherever it lands; both reach ``on_exception`` before Lightning tears the run down and
+    exits (status 1). ``signal`` is then ``"SIGTERM"`` or ``"SIGINT"`` (``None`` before). A Ctrl-C inside an
+    optimizer step may save that step half done; resuming redoes at most the interrupted step.
+
+    Args:
+        path: the checkpoint file, e.g. ``<run dir>/checkpoints/last.ckpt`` (the one resumes are made from).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.signal: str | None = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.signal = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.signal = "SIGINT"
+        else:
+            return
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            log.warning("%s at step %d: saved %s", self.signal, trainer.global_step, self.path)
+
+
+class CTCDiagnostics(Callback):
+    """Watches for CTC's most common failure, a network that outputs only blanks, and logs what shows it.
+
+    Logs, every ``every_n_steps`` training steps, ``train/blank_share`` (valid frames whose most likely class is
+    the blank) and ``train/target_blank_share`` (the blank's share of the alignment targets γ, what CTC pushes
+    the frames towards: a network that trains well approaches it from above). Validation logs ``val/blank_share``
+    and ``val/empty_share`` (lines read as empty) itself (:class:`crnn.module.CRNNModule`); ``train/infeasible``
+    and ``train/grad_norm`` (:class:`NonFiniteGuard`) complete the picture.
+
+    If every validation line is read as empty for ``patience`` validations in a row while ``val/loss`` moved by
+    less than ``plateau`` (relative) over them, it warns once with the usual remedies.
+    """
+
+    def __init__(self, every_n_steps: int = 50, patience: int = 3, plateau: float = 0.05) -> None:
+        self.every_n_steps = every_n_steps
+        self.patience = patience
+        self.plateau = plateau
+        self._losses: list[float] = []  # val/loss of the validations in a row with only empty predictions
+        self.warned = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = getattr(pl_module, "last_step", None)
+        if step is None or not self.every_n_steps or trainer.global_step % self.every_n_steps:
+            return
+        from crnn.module import blank_share  # the module imports this file
+
+        blank = pl_module.charset.blank
+        with torch.no_grad():
+            gamma = ctc_alignment_targets(step.log_probs.float(), batch["targets"], step.lengths,
+                                          batch["target_lengths"], blank)  # (T, B, C); 0 rows: infeasible/padding
+            target_share = gamma[..., blank].sum() / gamma.sum().clamp_min(1e-12)
+        pl_module.log("train/blank_share", blank_share(step.log_probs, step.lengths, blank))
+        pl_module.log("train/target_blank_share", target_share)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.warned:
+            return
+        empty, loss = trainer.callback_metrics.get("val/empty_share"), trainer.callback_metrics.get("val/loss")
+        if empty is None or loss is None or float(empty) < 1.0:
+            self._losses = []
+            return
+        self._losses.append(float(loss))
+        if len(self._losses) < self.patience:
+            return
+        first, last = self._losses[-self.patience], self._losses[-1]
+        if abs(last - first) <= self.plateau * abs(first):
+            self.warned = True
+            log.warning("CTC collapse: every validation line has been read as empty for %d validations while "
+                        "val/loss stayed at %.4g; usual remedies: a lower learning rate (optimizer.lr), more frames "
+                        "per character (wider images or fewer width pools: see train/infeasible), a longer warm-up, "
+                        "checking that labels match the images (data.charset, gt.txt)", len(self._losses), last)
+
+
+class SkippedSamples(Callback):
+    """Logs each sample the loader skipped while reading (``batch["skipped"]`` of
+    :func:`data.batching.collate_lines`: an image that passed the setup check but failed to decode, under
+    ``data.bad_input.unreadable_image=skip``) and logs their count as ``train/skipped_samples``."""
+
+    def __init__(self) -> None:
+        self.counts = {"train": 0, "val": 0, "test": 0}
+
+    def _note(self, stage: str, batch) -> None:
+        for what in batch.get("skipped", ()):
+            self.counts[stage] += 1
+            log.warning("%s sample skipped (%d so far in %s): %s", stage, self.counts[stage], stage, what)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._note("train", batch)
+        pl_module.log("train/skipped_samples", float(self.counts["train"]), reduce_fx="max")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._note("val", batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._note("test", batch)
+
+
+class LineProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bars when stdout is a terminal; elsewhere (a log file, a cluster job) one log line
+    every ``line_every_n_steps`` training steps and one per validation, instead of carriage-return bars.
+
+    Args:
+        refresh_rate: tqdm's, batches between bar updates; 0 disables bars and lines.
+        line_every_n_steps: training steps between two progress lines off a terminal.
+        terminal: force one mode (``None``: ``sys.stdout.isatty()``).
+    """
+
+    def __init__(self, refresh_rate: int = 10, line_every_n_steps: int = 50, terminal: bool | None = None) -> None:
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        super().__init__(refresh_rate=refresh_rate if self.terminal else 0)
+        self.lines = not self.terminal and refresh_rate > 0 and line_every_n_steps > 0
+        self.line_every_n_steps = line_every_n_steps
+
+    def _metrics_text(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        metrics = self.get_metrics(trainer, pl_module)
+        return " ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                        for name, value in metrics.items() if name != "v_num")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.lines and trainer.global_step % self.line_every_n_steps == 0:
+            total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            log.info("epoch %d step %d/%s: %s", trainer.current_epoch, trainer.global_step, total,
+                     self._metrics_text(trainer, pl_module))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.lines and not trainer.sanity_checking and trainer.state.fn == "fit":
+            log.info("epoch %d step %d validated: %s", trainer.current_epoch, trainer.global_step,
+                     self._metrics_text(trainer, pl_module))

@@ -32,7 +32,24 @@ class InputFormat(NamedTuple):
 
 Batch = Mapping[str, torch.Tensor | list[str]]
 """``images`` (B, channels, H, W) float, ``widths`` (B,) int64, ``targets`` (B, S) int64 padded,
-``target_lengths`` (B,) int64, ``texts`` list of B str."""
+``target_lengths`` (B,) int64, ``texts`` list of B str (empty: every sample was skipped, see
+:func:`data.batching.collate_lines`)."""
+
+
+class StepOutputs(NamedTuple):
+    """What the latest training step computed, detached, for callbacks (:class:`crnn.callbacks.NonFiniteGuard`,
+    :class:`crnn.callbacks.CTCDiagnostics`): ``log_probs`` (T, B, C), ``lengths`` (B,) int64, ``loss`` scalar."""
+
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
+    loss: torch.Tensor
+
+
+def blank_share(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """Share of the valid frames of ``log_probs (T, B, C)`` (``lengths (B,)``) whose most likely class is ``blank``:
+    near 1 for a network collapsed to all-blank output."""
+    frames = torch.arange(log_probs.shape[0], device=log_probs.device)[:, None] < lengths.to(log_probs.device)
+    return ((log_probs.argmax(-1) == blank) & frames).sum() / frames.sum().clamp_min(1)
 
 
 class CRNNModule(pl.LightningModule):
@@ -83,6 +100,7 @@ class CRNNModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({"val": TextMetrics(), "test": TextMetrics()})
         self._samples: list[tuple[str, str]] = []
+        self.last_step: StepOutputs | None = None
 
     @property
     def input_format(self) -> InputFormat:
@@ -109,9 +127,12 @@ class CRNNModule(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return self.loss(log_probs.float(), batch["targets"], lengths, batch["target_lengths"])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if not batch["texts"]:  # every sample skipped: no step
+            return None
         log_probs, lengths = self(batch["images"], batch["widths"])
         loss = self.compute_loss(log_probs, lengths, batch)
+        self.last_step = StepOutputs(log_probs.detach(), lengths, loss.detach())
         needed = required_frames(batch["targets"], batch["target_lengths"])
         batch_size = len(batch["texts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -127,10 +148,18 @@ class CRNNModule(pl.LightningModule):
         return {"preds": self._evaluate(batch, batch_idx, "test")}
 
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
+        if not batch["texts"]:  # every sample skipped
+            return []
         log_probs, lengths = self(batch["images"], batch["widths"])
         loss = self.compute_loss(log_probs, lengths, batch)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["texts"]), sync_dist=True)
+        batch_size = len(batch["texts"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch_size, sync_dist=True)
         preds = self.decode(log_probs, lengths)
+        # CTC health (crnn.callbacks.CTCDiagnostics): frames whose best class is the blank, lines read as empty
+        self.log(f"{stage}/blank_share", blank_share(log_probs, lengths, self.charset.blank), batch_size=batch_size,
+                 sync_dist=True)
+        self.log(f"{stage}/empty_share", sum(not pred for pred in preds) / batch_size, batch_size=batch_size,
+                 sync_dist=True)
         self.metrics[stage].update(preds, batch["texts"])
         if stage == "val" and batch_idx % self._sample_stride() == 0:
             self._samples.append((preds[0], batch["texts"][0]))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,10 +15,37 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
-from crnn.callbacks import TimeBudgetSchedule
+from crnn.callbacks import InterruptCheckpoint, NonFiniteGuard, TimeBudgetSchedule
+from crnn.config_check import check_config
+from crnn.errors import RunFailed, TrainingDiverged
+from crnn.inference import check_resumable, read_checkpoint
 from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
+
+
+NOISE_WARNINGS = (  # third-party warnings every run printed, about library internals the user cannot act on
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of a torch API it still calls
+)
+NOISE_INFO = ("💡 Tip:", "TPU available:", "HPU available:")  # Lightning's adverts and hardware we never use
+
+
+class _DropNoise(logging.Filter):
+    """Drops Lightning's log lines that start with one of :data:`NOISE_INFO`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(NOISE_INFO)
+
+
+def quiet_third_party() -> None:
+    """Filter the third-party deprecation warnings and tips that every run printed (:data:`NOISE_WARNINGS`,
+    :data:`NOISE_INFO`); idempotent. Warnings about this project's own use of a library still show."""
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropNoise) for existing in logger.filters):
+            logger.addFilter(_DropNoise())
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -84,15 +113,26 @@ def stop_detail(trainer: pl.Trainer) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, float | int | str]:
-    """Seed, fit (resuming from ``cfg.ckpt_path`` if set), then validate and test the best checkpoint (the
-    last weights if none was saved).
+    """Check the config, seed, fit (resuming from ``cfg.ckpt_path`` if set), then validate and test the best
+    checkpoint (the last weights if none was saved).
 
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
     ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
-    ``steps`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path, "" if none), plus any
-    other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a warning. With
-    ``trainer.overfit_batches=N`` the datamodule serves the same ``N`` batches' lines every epoch.
+    ``steps``, ``nonfinite_batches`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path,
+    "" if none), plus any other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a
+    warning. With ``trainer.overfit_batches=N`` the datamodule serves the same ``N`` batches' lines every epoch.
+
+    Raises :class:`crnn.errors.RunFailed` (one line, no traceback under ``train.py``, exit status 1): a
+    :class:`~crnn.errors.ConfigError` before any work; a :class:`~crnn.errors.CheckpointError` for a ``ckpt_path``
+    that cannot be read or resumed; and, with ``final_metrics.json`` written first with a ``failure`` message,
+    when training diverged (``stop_reason: diverged``), was interrupted by Ctrl-C or SIGTERM (``interrupted``;
+    ``checkpoints/last.ckpt`` saved to resume from) or left no usable model (val CER >= ``cfg.max_usable_cer``).
     """
+    check_config(cfg)
+    quiet_third_party()
+    ckpt_path = cfg.get("ckpt_path")
+    resume = read_checkpoint(ckpt_path) if ckpt_path else None
+    output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     overfit_batches = cfg.trainer.get("overfit_batches", 0)
@@ -101,6 +141,9 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
             raise ValueError(f"trainer.overfit_batches must be a whole number of batches, got {overfit_batches}")
         datamodule.overfit(overfit_batches)
     module = build_module(cfg, datamodule)
+    if resume is not None:
+        check_resumable(resume, module, ckpt_path)
+        del resume
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
         log.info("no logger: the learning-rate monitor is left out")
@@ -108,10 +151,23 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    fitted = {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
-              "steps": trainer.global_step, "stop_reason": stop_reason(trainer), "stop_detail": stop_detail(trainer)}
-    if fitted["stop_reason"] == "max_time":
+
+    def fitted(reason: str) -> dict[str, float | int | str]:
+        guards = [callback for callback in trainer.callbacks if isinstance(callback, NonFiniteGuard)]
+        return {"train_seconds": round(time.perf_counter() - start, 2), "epochs": trainer.current_epoch,
+                "steps": trainer.global_step, "nonfinite_batches": sum(guard.skipped for guard in guards),
+                "stop_reason": reason, "stop_detail": stop_detail(trainer) if reason != "diverged" else ""}
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        fail(output_dir, {**fitted("diverged"), "best_checkpoint": ""}, str(err))
+    except SystemExit:  # Lightning exits so after Ctrl-C or SIGTERM, once InterruptCheckpoint has saved
+        if not trainer.interrupted:
+            raise
+        fail(output_dir, {**fitted("interrupted"), "best_checkpoint": ""}, interrupted_message(trainer))
+    done = fitted(stop_reason(trainer))
+    if done["stop_reason"] == "max_time":
         log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
                     "schedule ended; set trainer.max_time=null (or longer) to train fully",
                     cfg.trainer.get("max_time"), trainer.global_step, trainer.current_epoch, trainer.max_epochs)
@@ -122,12 +178,37 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     metrics: dict[str, float | int | str] = {}
     for run in (trainer.validate, trainer.test):
         metrics.update({k: float(v) for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
-    metrics.update(fitted, best_checkpoint=best)
+    metrics.update(done, best_checkpoint=best)
+    limit = cfg.get("max_usable_cer", 1.0)
+    if limit is not None and not trainer.fast_dev_run and not metrics["val/cer"] < limit:
+        fail(output_dir, metrics, f"no usable model: the {'best checkpoint' if best else 'final weights'} "
+             f"read{'s' if best else ''} val/cer={metrics['val/cer']:.4f} >= max_usable_cer={limit} (nothing read "
+             f"right, e.g. only blanks) after {trainer.global_step} steps, stop={done['stop_reason']}; train "
+             f"longer (trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
+    write_metrics(output_dir, metrics)
+    return metrics
 
-    output_dir = Path(cfg.paths.output_dir)
+
+def write_metrics(output_dir: Path, metrics: dict[str, float | int | str]) -> None:
+    """``<output_dir>/final_metrics.json``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+
+
+def fail(output_dir: Path, metrics: dict[str, float | int | str], message: str) -> None:
+    """Write ``metrics`` with ``failure: message`` to ``final_metrics.json``, then raise :class:`RunFailed`."""
+    write_metrics(output_dir, {**metrics, "failure": message})
+    raise RunFailed(message)
+
+
+def interrupted_message(trainer: pl.Trainer) -> str:
+    """What interrupted ``fit`` and how to resume, from the :class:`InterruptCheckpoint` callback."""
+    saver = next((callback for callback in trainer.callbacks if isinstance(callback, InterruptCheckpoint)), None)
+    if saver is None or saver.signal is None or not saver.path.is_file():
+        return (f"interrupted at step {trainer.global_step}; no checkpoint saved at the interruption "
+                "(callbacks.interrupt_checkpoint is off): resume from the last validation's checkpoints/last.ckpt")
+    return (f"interrupted by {saver.signal} at step {trainer.global_step}; saved {saver.path}: resume with the same "
+            f"overrides plus ckpt_path={saver.path}")
 
 
 def summary_line(metrics: dict[str, float | int | str]) -> str:
@@ -139,3 +220,22 @@ def summary_line(metrics: dict[str, float | int | str]) -> str:
         f"stop={metrics['stop_reason']}{' (' + metrics['stop_detail'] + ')' if metrics.get('stop_detail') else ''} "
         f"best_checkpoint={metrics['best_checkpoint'] or '-'}"
     )
+
+
+def report(line: str) -> None:
+    """Print ``line`` and write it to the run's log files (Hydra's ``train.log``) too, without the console
+    handler repeating it."""
+    print(line)
+    record = logging.LogRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def remove_unstarted_run(output_dir: str) -> None:
+    """Delete the run directory Hydra made for a run that stopped before any work, if it holds nothing but
+    Hydra's config copy (``.hydra``) and ``train.log`` (a directory resumed into keeps its checkpoints, logs...)."""
+    path = Path(output_dir)
+    if path.is_dir() and {entry.name for entry in path.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(path)
+        log.info("removed the run directory %s of a run that never started", path)

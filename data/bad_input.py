@@ -2,17 +2,21 @@
 
 Every problem has a *kind* and a policy, ``"error"`` or ``"skip"``. By default a broken dataset is an error
 (``malformed``, ``empty_label``, ``missing_image``, ``unreadable_image``), while samples a given charset or
-model cannot handle are skipped and counted (``unknown_char``, ``too_long``), the filtering
+model cannot handle are skipped and counted (``unknown_char``, ``too_long``, ``too_wide``), the filtering
 deep-text-recognition-benchmark and parseq apply:
 
 - ``malformed``: a ``gt.txt`` line that is not ``path<TAB>label`` (no tab, several tabs, empty path, not
-  UTF-8), or an LMDB label key that is missing or not UTF-8;
+  UTF-8) or whose path leaves the dataset folder (absolute or ``..``; unless ``data.allow_outside_paths``), or an
+  LMDB label key that is missing or not UTF-8;
 - ``empty_label``: an empty label;
 - ``unknown_char``: a label character outside the charset;
 - ``missing_image``: an image file / LMDB image key that does not exist;
-- ``unreadable_image``: an image Pillow cannot identify or ``verify()``;
+- ``unreadable_image``: an image Pillow cannot identify or ``verify()`` at setup, or cannot decode when a batch
+  is read (after passing that check: e.g. corrupt pixel data behind valid checksums);
 - ``too_long``: a label the model cannot emit at the image's width: CTC needs at least
-  ``len(label) + repeats`` frames (a blank must separate a repeated character).
+  ``len(label) + repeats`` frames (a blank must separate a repeated character);
+- ``too_wide``: an image wider than ``data.max_width`` px once resized to the data height (it would pad its
+  whole batch to its width).
 
 An error names the sample (``path/gt.txt:LINE``, or ``lmdb_dir:label-%09d``) and the config key that
 would skip it; skips are counted per kind and logged with the first few examples.
@@ -22,9 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-KINDS = ("malformed", "empty_label", "unknown_char", "missing_image", "unreadable_image", "too_long")
+KINDS = ("malformed", "empty_label", "unknown_char", "missing_image", "unreadable_image", "too_long", "too_wide")
 POLICIES = ("error", "skip")
-DEFAULT_POLICY = {kind: "skip" if kind in ("unknown_char", "too_long") else "error" for kind in KINDS}
+DEFAULT_POLICY = {kind: "skip" if kind in ("unknown_char", "too_long", "too_wide") else "error" for kind in KINDS}
 
 
 class BadInputError(ValueError):

@@ -23,14 +23,20 @@ def collate_lines(samples: Sequence[dict]) -> dict:
     """Batch samples ``{"image": (channels, H, W_i) float, "text": str, "target": (L_i,) int64}``.
 
     Images are right-padded with zeros to the widest one; ``widths`` says where each ends (the CRNN masks
-    the padding, so its value never changes a result).
+    the padding, so its value never changes a result). A sample ``{"skipped": "where: what"}`` (a dataset that
+    could not read it and skips such samples by policy) is left out of the batch and named in ``"skipped"``.
 
     Returns:
         dict with ``"images"`` float32 ``(B, channels, H, W_max)``, ``"widths"`` int64 ``(B,)`` (unpadded
         widths), ``"targets"`` int64 ``(B, S_max)`` (padded with 0; only the first
-        ``target_lengths[b]`` entries of row ``b`` are labels), ``"target_lengths"`` int64 ``(B,)``
-        and ``"texts"`` list of ``B`` str.
+        ``target_lengths[b]`` entries of row ``b`` are labels), ``"target_lengths"`` int64 ``(B,)``,
+        ``"texts"`` list of ``B`` str and ``"skipped"`` list of str (usually empty). If every sample was skipped,
+        only ``"texts"`` (empty) and ``"skipped"``.
     """
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
+    if not samples:
+        return {"texts": [], "skipped": skipped}
     images = [s["image"] for s in samples]
     targets = [s["target"] for s in samples]
     widths = torch.tensor([im.shape[-1] for im in images], dtype=torch.long)
@@ -48,6 +54,7 @@ def collate_lines(samples: Sequence[dict]) -> dict:
         "targets": padded_targets,
         "target_lengths": target_lengths,
         "texts": [s["text"] for s in samples],
+        "skipped": skipped,
     }
 
 

@@ -30,6 +30,9 @@ from losses import required_frames
 
 log = logging.getLogger(__name__)
 
+MAX_ASPECT = 40
+"""Default ``data.max_width`` in multiples of the data height (1280 px at 32): wider images are ``too_wide``."""
+
 
 class Record(NamedTuple):
     """One labelled image: ``where`` names it in messages (``gt.txt:LINE``), ``key`` opens its image (a path,
@@ -64,6 +67,8 @@ class LabelledLines(Dataset):
     """
 
     marker = ""  # the file that marks a split directory of this format (e.g. gt.txt)
+    unreadable_policy = "error"  # for images that fail to decode mid-epoch; screen() sets the split's policy
+    max_width: int | None = None  # px at the data height; wider images are too_wide (None: MAX_ASPECT x height)
 
     def __init__(self, records: list[Record], charset: Charset, height: int = 32, channels: int = 1) -> None:
         if channels not in MODES:
@@ -110,7 +115,14 @@ class LabelledLines(Dataset):
             return None
 
     def __getitem__(self, index: int) -> dict:
-        image, record = self.image(index), self.records[index]
+        """The sample ``{"image", "text", "target"}``; an image that fails to decode here, mid-epoch, follows
+        ``unreadable_policy`` (the ``unreadable_image`` policy :meth:`screen` saw): ``error`` raises
+        :class:`BadInputError` naming the record and the override, ``skip`` returns ``{"skipped": "where: what"}``,
+        which :func:`data.batching.collate_lines` leaves out of the batch and names."""
+        bad = BadInput({"unreadable_image": self.unreadable_policy})
+        image, record = self.image(index, bad), self.records[index]
+        if image is None:
+            return {"skipped": bad.skipped["unreadable_image"][0]}
         target = torch.tensor(self.charset.encode(record.label), dtype=torch.long)
         return {"image": image, "text": record.label, "target": target}
 
@@ -121,9 +133,13 @@ class LabelledLines(Dataset):
         Reports to ``bad`` (which raises or counts): ``missing_image``, ``unreadable_image`` (Pillow cannot open
         the image or ``verify()`` it: reads headers and, for PNG, checksums, without decoding pixels) and, with
         ``require_emittable``, what the model cannot emit (for training; evaluation keeps and scores such
-        lines): ``unknown_char`` and, if ``output_length`` (resized width -> model frames) is given,
-        ``too_long`` (frames < label length + repeats, see :func:`label_frames`).
+        lines): ``unknown_char``, ``too_wide`` (wider than ``max_width`` once resized) and, if ``output_length``
+        (resized width -> model frames) is given, ``too_long`` (frames < label length + repeats, see
+        :func:`label_frames`). Images that pass but fail to decode later follow ``bad``'s ``unreadable_image``
+        policy too (see :meth:`__getitem__`).
         """
+        self.unreadable_policy = bad.policy["unreadable_image"]
+        max_width = self.max_width if self.max_width is not None else MAX_ASPECT * self.height
         kept, known = [], set(self.charset.characters)
         check_frames = require_emittable and output_length is not None
         needed = label_frames([record.label for record in self.records]) if check_frames else []
@@ -145,6 +161,10 @@ class LabelledLines(Dataset):
                            f"{type(err).__name__}: {err}")
                 continue
             width = resized_width(size, self.height)
+            if require_emittable and width > max_width:
+                bad.report("too_wide", record.where, f"image {size[0]}x{size[1]} px is {width} px wide at height "
+                           f"{self.height}, more than data.max_width={max_width}")
+                continue
             if check_frames and output_length(width) < needed[index]:
                 bad.report("too_long", record.where, f"label {record.label!r} needs {needed[index]} CTC frames, "
                            f"the image ({size[0]}x{size[1]} px, {width} px wide at height {self.height}) gives "
@@ -167,12 +187,20 @@ def split_format(path: str | os.PathLike) -> type[LabelledLines]:
                             f"({LmdbLines.marker})")
 
 
-def read_labels(path: str | os.PathLike, bad: BadInput, lines: type[LabelledLines] | None = None) -> list[Record]:
+def read_labels(path: str | os.PathLike, bad: BadInput, lines: type[LabelledLines] | None = None,
+                allow_outside_paths: bool = False) -> list[Record]:
     """The records of the split at ``path`` in format ``lines`` (``None``: :func:`split_format`), labels only;
-    malformed entries and empty labels go to ``bad``."""
+    malformed entries and empty labels go to ``bad``, and so do image paths that leave the split's folder
+    (absolute, or through ``..``; judged on the path as written, so symlinks inside the folder are fine) unless
+    ``allow_outside_paths``."""
     records = []
+    root = os.path.abspath(path)  # abspath normalises lexically (no symlinks resolved)
     for record in (lines or split_format(path)).read_records(path, bad):
-        if record.label:
+        if (not allow_outside_paths and isinstance(record.key, str)  # a file path (an LMDB key is an index)
+                and os.path.commonpath([root, os.path.abspath(record.key)]) != root):
+            bad.report("malformed", record.where, f"image path {record.key!r} leaves the dataset folder {path} "
+                       f"(absolute or '..'; set data.allow_outside_paths=true to allow it)")
+        elif record.label:
             records.append(record)
         else:
             bad.report("empty_label", record.where, "empty label")
@@ -214,6 +242,10 @@ class LabelledDataModule(LineDataModule):
         train_size, val_size, test_size: use only the first that many samples of a split (e.g. for
             debugging on a large dataset); ``None`` uses all. The charset is still inferred from all
             training labels, and malformed lines anywhere in a ``gt.txt`` are still reported.
+        max_width: training images wider than this once resized to ``height`` are ``too_wide`` (``None``:
+            :data:`MAX_ASPECT` times ``height``).
+        allow_outside_paths: accept image paths that leave a split's folder (absolute, ``..``); otherwise they
+            are ``malformed``.
 
     The format is the class attribute ``lines`` (a :class:`LabelledLines` subclass; ``None``: each split's
     own, see :func:`split_format`). ``setup`` screens each split's images once (headers only) and logs how many
@@ -242,6 +274,8 @@ class LabelledDataModule(LineDataModule):
         train_size: int | None = None,
         val_size: int | None = None,
         test_size: int | None = None,
+        max_width: int | None = None,
+        allow_outside_paths: bool = False,
     ) -> None:
         super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
                          group_by_length)
@@ -250,6 +284,8 @@ class LabelledDataModule(LineDataModule):
         self.channels = channels
         self.output_length = output_length
         self.bad_input = dict(bad_input or {})
+        self.max_width = max_width
+        self.allow_outside_paths = allow_outside_paths
         BadInput(self.bad_input)  # validate the policy now, not at setup
         self.problems: dict[str, BadInput] = {}
         self._records: dict[str, list[Record]] = {}
@@ -264,7 +300,7 @@ class LabelledDataModule(LineDataModule):
         """The split's records as read (cached); malformed entries and empty labels are reported here."""
         if split not in self._records:
             bad = self.problems[split] = BadInput(self.bad_input)
-            self._records[split] = read_labels(self.dirs[split], bad, self.lines)
+            self._records[split] = read_labels(self.dirs[split], bad, self.lines, self.allow_outside_paths)
         return self._records[split]
 
     def build_dataset(self, split: str) -> LabelledLines:
@@ -273,6 +309,7 @@ class LabelledDataModule(LineDataModule):
         dataset = (self.lines or split_format(directory)).from_records(
             directory, records[:size], self.charset, self.height, self.channels)
         bad = self.problems[split]
+        dataset.max_width = self.max_width
         dataset.screen(bad, self.output_length)
         name = f"{split} data {directory}"
         if size is not None and size < len(records):
