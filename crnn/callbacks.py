@@ -383,8 +383,9 @@ class NonFiniteGuard(Callback):
     a :class:`crnn.module.StepOutputs`) and the 2-norm of all gradients. The outputs matter because under
     ``zero_infinity`` a sample with NaN log-probs has loss 0 and zero gradient, so a network that already produces
     NaN would otherwise train on silently. A bad step's gradients are dropped (set to ``None``: the optimizer
-    changes no weight, weight decay and momentum included), a warning is logged and ``train/nonfinite_batches``
-    (the count so far) goes up; ``max_in_a_row`` bad steps in a row raise :class:`crnn.errors.TrainingDiverged`
+    changes no weight, weight decay and momentum included) and the module's buffers (BatchNorm running statistics,
+    which the forward pass already updated from the bad batch) are restored, so the batch leaves no trace; a
+    warning is logged and ``train/nonfinite_batches`` (the count so far) goes up; ``max_in_a_row`` bad steps in a row raise :class:`crnn.errors.TrainingDiverged`
     naming the step, the last finite loss and the likely causes, and any validation of non-finite weights does
     too, so no such model is ever checkpointed. ``train/grad_norm`` (before clipping) is logged every step.
 
@@ -403,6 +404,10 @@ class NonFiniteGuard(Callback):
         self.skipped = 0  # non-finite steps in this run (restored on resume)
         self.in_a_row = 0
         self.last_finite: tuple[int, float] | None = None  # (step, train loss)
+        self._buffers: list[torch.Tensor] = []  # the module's buffers before this step's forward pass
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._buffers = [buffer.detach().clone() for buffer in pl_module.buffers()]  # a few KB for BatchNorm
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -426,6 +431,9 @@ class NonFiniteGuard(Callback):
 
     def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, problems: list[str]) -> None:
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(pl_module.buffers(), self._buffers):
+                buffer.copy_(saved)
         self.skipped += 1
         self.in_a_row += 1
         log.warning("step %d: non-finite %s, batch skipped (%d non-finite so far, %d in a row of at most %d)",
@@ -454,7 +462,8 @@ class NonFiniteGuard(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        bad = [name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        tensors = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+        bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
         if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             raise TrainingDiverged(f"training diverged: non-finite weights at step {trainer.global_step} "
                                    f"({', '.join(bad[:3]) or 'on another process'}); {self._last_finite()}; "

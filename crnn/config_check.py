@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,7 +52,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if clip is not None and not (_number(clip) and clip > 0):
         problems.append(f"trainer.gradient_clip_val={clip}: must be a positive number (or null)")
 
-    missing = [f"data.{key}" for key in DATA_DIRS if key in data and OmegaConf.is_missing(data, key)]
+    missing = [f"data.{key}" for key in DATA_DIRS if key in data.keys() and OmegaConf.is_missing(data, key)]
     if missing:
         problems.append(f"{', '.join(missing)} not set: data={cfg_choice(cfg, 'data')} needs a directory for each "
                         f"split (e.g. data.train_dir=/path/to/train)")
@@ -82,8 +83,9 @@ def model_problems(cfg: DictConfig) -> list[str]:
     height to 1 row): builds it, with two classes, on the CPU."""
     try:
         instantiate(OmegaConf.to_container(cfg.model, resolve=True), num_classes=2, height=cfg.data.height)
-    except (ValueError, TypeError) as err:
-        return [f"data.height={cfg.data.height} does not fit model={cfg_choice(cfg, 'model')}: {err}"]
+    except InstantiationException as err:  # Hydra's wrapper around the network's own ValueError
+        return [f"data.height={cfg.data.height} does not fit model={cfg_choice(cfg, 'model')}: "
+                f"{err.__cause__ or err}"]
     return []
 
 

@@ -8,8 +8,11 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, Timer
@@ -126,7 +129,8 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     :class:`~crnn.errors.ConfigError` before any work; a :class:`~crnn.errors.CheckpointError` for a ``ckpt_path``
     that cannot be read or resumed; and, with ``final_metrics.json`` written first with a ``failure`` message,
     when training diverged (``stop_reason: diverged``), was interrupted by Ctrl-C or SIGTERM (``interrupted``;
-    ``checkpoints/last.ckpt`` saved to resume from) or left no usable model (val CER >= ``cfg.max_usable_cer``).
+    ``checkpoints/last.ckpt`` saved to resume from) or left no usable model (val CER >= ``cfg.max_usable_cer``;
+    in a sweep this one is only recorded, as ``failure`` in the returned and written metrics, and the sweep goes on).
     """
     check_config(cfg)
     quiet_third_party()
@@ -161,11 +165,11 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingDiverged as err:
-        fail(output_dir, {**fitted("diverged"), "best_checkpoint": ""}, str(err))
+        fail(output_dir, {**fitted("diverged"), "best_checkpoint": ""}, err)
     except SystemExit:  # Lightning exits so after Ctrl-C or SIGTERM, once InterruptCheckpoint has saved
         if not trainer.interrupted:
             raise
-        fail(output_dir, {**fitted("interrupted"), "best_checkpoint": ""}, interrupted_message(trainer))
+        fail(output_dir, {**fitted("interrupted"), "best_checkpoint": ""}, RunFailed(interrupted_message(trainer)))
     done = fitted(stop_reason(trainer))
     if done["stop_reason"] == "max_time":
         log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
@@ -181,12 +185,21 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     metrics.update(done, best_checkpoint=best)
     limit = cfg.get("max_usable_cer", 1.0)
     if limit is not None and not trainer.fast_dev_run and not metrics["val/cer"] < limit:
-        fail(output_dir, metrics, f"no usable model: the {'best checkpoint' if best else 'final weights'} "
-             f"read{'s' if best else ''} val/cer={metrics['val/cer']:.4f} >= max_usable_cer={limit} (nothing read "
-             f"right, e.g. only blanks) after {trainer.global_step} steps, stop={done['stop_reason']}; train "
-             f"longer (trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
+        failure = (f"no usable model: the {'best checkpoint' if best else 'final weights'} read"
+                   f"{'s' if best else ''} val/cer={metrics['val/cer']:.4f} >= max_usable_cer={limit} (nothing read "
+                   f"right, e.g. only blanks) after {trainer.global_step} steps, stop={done['stop_reason']}; train "
+                   f"longer (trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
+        if not in_multirun():
+            fail(output_dir, metrics, RunFailed(failure))
+        log.warning("%s (recorded, not raised: in a sweep a useless run is a result too)", failure)
+        metrics["failure"] = failure
     write_metrics(output_dir, metrics)
     return metrics
+
+
+def in_multirun() -> bool:
+    """Whether this is one job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, float | int | str]) -> None:
@@ -195,10 +208,10 @@ def write_metrics(output_dir: Path, metrics: dict[str, float | int | str]) -> No
     (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def fail(output_dir: Path, metrics: dict[str, float | int | str], message: str) -> None:
-    """Write ``metrics`` with ``failure: message`` to ``final_metrics.json``, then raise :class:`RunFailed`."""
-    write_metrics(output_dir, {**metrics, "failure": message})
-    raise RunFailed(message)
+def fail(output_dir: Path, metrics: dict[str, float | int | str], error: RunFailed) -> NoReturn:
+    """Write ``metrics`` with ``failure: <the error's message>`` to ``final_metrics.json``, then raise ``error``."""
+    write_metrics(output_dir, {**metrics, "failure": str(error)})
+    raise error
 
 
 def interrupted_message(trainer: pl.Trainer) -> str:

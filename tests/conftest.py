@@ -25,9 +25,13 @@ CONF = ROOT / "conf"
 # ------------------------------------------------------------------------------------------------ configs
 def compose_train(*overrides: str, output_dir: str | Path = "/tmp/unused", hydra: bool = False) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides``, ``paths.output_dir`` set to ``output_dir`` (outside a
-    Hydra run it has no value); ``hydra=True`` keeps the ``hydra`` node (sweeper params, sweep dir)."""
+    Hydra run it has no value); ``hydra=True`` keeps the ``hydra`` node (sweeper params, sweep dir).
+
+    ``max_usable_cer=null`` (an override wins): the tests' runs of a few steps learn nothing, which a real run
+    reports as a failure (tests/test_guard.py tests that rule)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides], return_hydra_config=hydra)
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", "max_usable_cer=null", *overrides],
+                       return_hydra_config=hydra)
 
 
 def config_options(group: str) -> list[str]:

@@ -220,6 +220,8 @@ BAD_CASES = {
     "malformed/no_tab": ("malformed", ("", "raw:image.png 12")),
     "malformed/empty_path": ("malformed", ("", "raw:\t12")),
     "malformed/two_tabs": ("malformed", ("", "raw:a.png\t1\t2")),
+    "malformed/absolute_path": ("malformed", ("", "raw:/etc/0.png\t12")),  # data.allow_outside_paths=false
+    "malformed/parent_path": ("malformed", ("", "raw:../data/0.png\t12")),  # even back into the folder
     "empty_label": ("empty_label", ("", "png")),
     "unknown_char": ("unknown_char", ("1x2", "png")),
     "missing_image": ("missing_image", ("12", "missing")),
