@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from crnn.errors import ConfigError, RunFailed
+from crnn.errors import CheckpointError, ConfigError, RunFailed
 from crnn.pipeline import remove_unstarted_run, report, summary_line, train
 from data import BadInputError
 
@@ -13,10 +13,10 @@ def main(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint, print one summary line; return ``cfg.optimized_metric`` for sweepers.
 
     A failed run (:class:`crnn.errors.RunFailed`, bad input data) ends with its one-line message and exit
-    status 1; a run stopped by a config error leaves no run directory behind."""
+    status 1; a run stopped by a config or checkpoint error leaves no run directory behind."""
     try:
         metrics = train(cfg)
-    except ConfigError:
+    except (ConfigError, CheckpointError):  # found before any training
         remove_unstarted_run(cfg.paths.output_dir)
         raise
     except BadInputError as err:

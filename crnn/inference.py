@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -39,12 +40,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive: truncated, or another "
+                              f"kind of file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zipfile, pickle, unicode and torch errors, depending on where the damage is
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupted? "
-                              f"({type(err).__name__}: {reason})") from err
+        text = str(err).strip()
+        # torch's weights-only refusal suggests weights_only=False: wrong advice for a damaged file; keep the cause
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = (reason.strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged? {type(err).__name__}: {reason})") from err
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         found = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: not a ctc-crnn training checkpoint (no state_dict and hyper_parameters; "

@@ -133,8 +133,11 @@ def test_cli_fast_dev_run(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1].startswith("val/cer=")
-    assert (tmp_path / "final_metrics.json").exists() and (tmp_path / "train.log").exists()
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("val/cer=")
+    assert (tmp_path / "final_metrics.json").exists() and summary in (tmp_path / "train.log").read_text()
+    # quiet start: no third-party deprecation warnings or adverts (crnn.pipeline.quiet_third_party)
+    assert "Tip:" not in result.stdout + result.stderr and "LeafSpec" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow
