@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -57,9 +58,11 @@ class CRNN(nn.Module):
     """Conv stack -> bidirectional RNN over width -> Linear to ``num_classes`` (charset + blank).
 
     Block ``i`` is ``Conv2d(kernel_size, padding=kernel_size // 2) -> norm -> ReLU -> MaxPool2d(pools[i])``
-    (no pool where ``pools[i]`` is ``[1, 1]``). The conv stack must reduce ``height`` to exactly 1, so the
-    RNN sees ``channels[-1]`` features per column; the width shrinks by ``prod(pool widths)``. The defaults
-    (235 k parameters for 11 classes, width / 8) are the CPU-sized ``conf/model/crnn.yaml``.
+    (no pool where ``pools[i]`` is ``[1, 1]``). The width shrinks by ``prod(pool widths)``. The pools take
+    ``height`` to ``height // prod(pool heights)`` rows (at least 1); any rows left are averaged into one (as
+    deep-text-recognition-benchmark's ``AdaptiveAvgPool2d((None, 1))``), so the same ``pools`` serve heights
+    32, 40, 48, 64, ... and the RNN sees ``channels[-1]`` features per column. The defaults (235 k parameters
+    for 11 classes, width / 8) are the CPU-sized ``conf/model/crnn.yaml``.
 
     Padding never changes the result for a valid frame: before every convolution the columns past each
     image's true width are zeroed (what the convolution's own zero padding does to the image alone), and
@@ -113,9 +116,12 @@ class CRNN(nn.Module):
                 layers.append(nn.MaxPool2d(pool))
             feature_height //= pool[0]
             in_channels = out_channels
-        if feature_height != 1:
-            raise ValueError(f"pools must reduce height {height} to 1, they reduce it to {feature_height}")
+        if feature_height < 1:
+            stride = math.prod(_pair(pool)[0] for pool in pools)
+            raise ValueError(f"height {height} is too small for the pools, whose height strides multiply to {stride}: "
+                             f"use data.height >= {stride}")
         self.height = height
+        self.feature_height = feature_height  # rows the conv stack leaves, averaged into one in forward
         self.cnn = nn.Sequential(*layers)
         self.rnn = _RNNS[rnn](
             in_channels, rnn_hidden, num_layers=rnn_layers, bidirectional=True,
@@ -160,7 +166,7 @@ class CRNN(nn.Module):
                 x = x * _width_mask(widths if layer is self.cnn[0] else lengths, x.shape[-1]).to(x.dtype)
             x = layer(x)
         lengths = next(stages)
-        x = x.squeeze(2).permute(2, 0, 1)  # (T, B, C_feat)
+        x = x.mean(2).permute(2, 0, 1)  # (B, C_feat, feature_height, T) -> (T, B, C_feat)
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         x, _ = pad_packed_sequence(self.rnn(packed)[0], total_length=x.shape[0])
         logits = self.classifier(self.dropout(x))

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
+from torchmetrics import SumMetric
 
 from crnn.callbacks import PROVISIONAL_STEPS, TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
@@ -76,6 +77,13 @@ class CRNNModule(pl.LightningModule):
         scheduler_interval: ``"step"`` or ``"epoch"``: when the scheduler steps.
         num_logged_samples: validation lines whose prediction is logged as text each epoch while fitting
             (the first line of evenly spaced batches).
+        protocol: how ``val/``/``test/`` metrics compare prediction and label: ``raw``, ``caseless`` or
+            ``alnum36`` (see :mod:`crnn.metrics`); ``nfkc``: Unicode NFKC-normalise both first.
+
+    Validation and test score every line of their sets, also lines the model cannot emit (a label character
+    outside the charset, or a label needing more CTC frames than the image gives): ``{stage}/lines`` counts the
+    lines and ``{stage}/unemittable`` those. ``{stage}/loss`` is the loss over the emittable lines only (a CTC
+    loss is undefined for the others; a batch without any adds nothing).
     """
 
     def __init__(
@@ -90,6 +98,8 @@ class CRNNModule(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         scheduler_interval: str = "step",
         num_logged_samples: int = 4,
+        protocol: str = "raw",
+        nfkc: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "decoder", "optimizer", "scheduler"])
@@ -98,7 +108,9 @@ class CRNNModule(pl.LightningModule):
         self.loss = loss if loss is not None else CTCLoss(blank=blank, zero_infinity=True)
         self.decoder = decoder if decoder is not None else GreedyDecoder()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.metrics = nn.ModuleDict({"val": TextMetrics(), "test": TextMetrics()})
+        self.metrics = nn.ModuleDict({stage: TextMetrics(protocol, nfkc) for stage in ("val", "test")})
+        self.line_counts = nn.ModuleDict({
+            stage: nn.ModuleDict({"lines": SumMetric(), "unemittable": SumMetric()}) for stage in ("val", "test")})
         self._samples: list[tuple[str, str]] = []
         self.last_step: StepOutputs | None = None
 
@@ -147,13 +159,30 @@ class CRNNModule(pl.LightningModule):
         """Returns ``{"preds": texts}`` for callbacks (e.g. :class:`crnn.callbacks.PredictionWriter`)."""
         return {"preds": self._evaluate(batch, batch_idx, "test")}
 
+    def emittable(self, lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``(B,)`` bool: the lines the model can emit at all: every label character is in the charset (the
+        targets of the others leave those characters out) and ``lengths`` (frames) suffice for the target."""
+        known = set(self.charset.characters)
+        in_charset = torch.tensor([set(text) <= known for text in batch["texts"]], device=lengths.device)
+        needed = required_frames(batch["targets"], batch["target_lengths"]).to(lengths.device)
+        return in_charset & (lengths >= needed)
+
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
         if not batch["texts"]:  # every sample skipped
             return []
         log_probs, lengths = self(batch["images"], batch["widths"])
-        loss = self.compute_loss(log_probs, lengths, batch)
         batch_size = len(batch["texts"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch_size, sync_dist=True)
+        emittable = self.emittable(lengths, batch)
+        self.line_counts[stage]["lines"].update(batch_size)
+        self.line_counts[stage]["unemittable"].update((~emittable).sum())
+        scored = int(emittable.sum())  # the loss is over the lines the model can emit
+        if scored == len(emittable):
+            loss = self.compute_loss(log_probs, lengths, batch)
+        elif scored:
+            emitted = {key: batch[key][emittable] for key in ("targets", "target_lengths")}
+            loss = self.compute_loss(log_probs[:, emittable], lengths[emittable], emitted)
+        if scored:
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=scored, sync_dist=True)
         preds = self.decode(log_probs, lengths)
         # CTC health (crnn.callbacks.CTCDiagnostics): frames whose best class is the blank, lines read as empty
         self.log(f"{stage}/blank_share", blank_share(log_probs, lengths, self.charset.blank), batch_size=batch_size,
@@ -186,6 +215,9 @@ class CRNNModule(pl.LightningModule):
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
+        for name, count in self.line_counts[stage].items():  # summed over processes, like the metrics
+            self.log(f"{stage}/{name}", count.compute().float())
+            count.reset()
 
     def _log_samples(self) -> None:
         lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples[: self.hparams.num_logged_samples]]

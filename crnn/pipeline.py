@@ -26,6 +26,9 @@ from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
 
+COUNTS = ("/lines", "/unemittable")
+"""Suffixes of the logged metrics that are line counts (ints in ``final_metrics.json``)."""
+
 
 NOISE_WARNINGS = (  # third-party warnings every run printed, about library internals the user cannot act on
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of a torch API it still calls
@@ -120,7 +123,9 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     checkpoint (the last weights if none was saved).
 
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
-    ``val/acc``, ``test/cer``, ``test/acc`` (float), ``train_seconds`` (fit wall time), ``epochs``,
+    ``val/acc``, ``test/cer``, ``test/acc`` (float, under ``protocol``), ``val/lines``, ``test/lines`` (every line
+    scored), ``val/unemittable``, ``test/unemittable`` (those the model cannot emit), ``protocol`` (of the
+    metrics, :attr:`crnn.metrics.TextMetrics.protocol_name`), ``train_seconds`` (fit wall time), ``epochs``,
     ``steps``, ``nonfinite_batches`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path,
     "" if none), plus any other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a
     warning. With ``trainer.overfit_batches=N`` the datamodule serves the same ``N`` batches' lines every epoch.
@@ -181,8 +186,9 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
         log.warning("no best checkpoint was saved; validating and testing the current weights")
     metrics: dict[str, float | int | str] = {}
     for run in (trainer.validate, trainer.test):
-        metrics.update({k: float(v) for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
-    metrics.update(done, best_checkpoint=best)
+        metrics.update({k: int(v) if k.endswith(COUNTS) else float(v)
+                        for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+    metrics.update(done, best_checkpoint=best, protocol=module.metrics["test"].protocol_name)
     limit = cfg.get("max_usable_cer", 1.0)
     if limit is not None and not trainer.fast_dev_run and not metrics["val/cer"] < limit:
         failure = (f"no usable model: the {'best checkpoint' if best else 'final weights'} read"
@@ -229,6 +235,8 @@ def summary_line(metrics: dict[str, float | int | str]) -> str:
     return (
         f"val/cer={metrics['val/cer']:.4f} val/acc={metrics['val/acc']:.4f} "
         f"test/cer={metrics['test/cer']:.4f} test/acc={metrics['test/acc']:.4f} "
+        f"test/lines={metrics['test/lines']} test/unemittable={metrics['test/unemittable']} "
+        f"protocol={metrics['protocol']} "
         f"epochs={metrics['epochs']} steps={metrics['steps']} train_seconds={metrics['train_seconds']:.1f} "
         f"stop={metrics['stop_reason']}{' (' + metrics['stop_detail'] + ')' if metrics.get('stop_detail') else ''} "
         f"best_checkpoint={metrics['best_checkpoint'] or '-'}"

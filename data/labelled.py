@@ -123,7 +123,10 @@ class LabelledLines(Dataset):
         image, record = self.image(index, bad), self.records[index]
         if image is None:
             return {"skipped": bad.skipped["unreadable_image"][0]}
-        target = torch.tensor(self.charset.encode(record.label), dtype=torch.long)
+        # an evaluation set keeps labels with characters outside the charset: their target leaves those out
+        # (the module scores the text, and leaves such lines out of the loss)
+        known = self.charset.characters
+        target = torch.tensor(self.charset.encode("".join(c for c in record.label if c in known)), dtype=torch.long)
         return {"image": image, "text": record.label, "target": target}
 
     def screen(self, bad: BadInput, output_length: Callable[[int], int] | None = None,
@@ -236,8 +239,8 @@ class LabelledDataModule(LineDataModule):
         group_by_length: batch images of similar width together (train batches in a seeded random
             order, val/test in width order) to cut padding; False keeps the (shuffled / file) order.
         output_length: resized image width -> frames the model emits, e.g. a ``functools.partial`` of
-            :func:`crnn.model.output_length`; labels that need more frames are ``too_long``.
-            ``None`` skips that check.
+            :func:`crnn.model.output_length`; training labels that need more frames are ``too_long``
+            (more than :attr:`too_long_warning` of them: a warning naming the fix). ``None`` skips that check.
         bad_input: policy per problem kind, ``"error"`` or ``"skip"`` (see :mod:`data.bad_input`).
         train_size, val_size, test_size: use only the first that many samples of a split (e.g. for
             debugging on a large dataset); ``None`` uses all. The charset is still inferred from all
@@ -249,12 +252,17 @@ class LabelledDataModule(LineDataModule):
 
     The format is the class attribute ``lines`` (a :class:`LabelledLines` subclass; ``None``: each split's
     own, see :func:`split_format`). ``setup`` screens each split's images once (headers only) and logs how many
-    samples were kept and skipped; ``problems[split]`` keeps the :class:`BadInput` record. ``.charset`` exists
+    samples were kept and skipped; ``problems[split]`` keeps the :class:`BadInput` record. Only training drops
+    what the model cannot emit (``unknown_char``, ``too_long``); val and test keep every line with a readable
+    image and a label, so their metrics count those lines too (:class:`crnn.module.CRNNModule` counts them as
+    ``val/unemittable``, ``test/unemittable``). ``.charset`` exists
     right after construction. Setup, loaders and data-parallel sharding are
     :class:`data.line_datamodule.LineDataModule`'s.
     """
 
     lines: type[LabelledLines] | None = None
+    too_long_warning = 0.01
+    """Share of ``too_long`` training lines above which ``setup`` warns that the model is too coarse."""
 
     def __init__(
         self,
@@ -310,14 +318,31 @@ class LabelledDataModule(LineDataModule):
             directory, records[:size], self.charset, self.height, self.channels)
         bad = self.problems[split]
         dataset.max_width = self.max_width
-        dataset.screen(bad, self.output_length)
+        # training needs lines the model can emit; val/test score every line (see LineDataModule)
+        dataset.screen(bad, self.output_length, require_emittable=split == "train")
         name = f"{split} data {directory}"
         if size is not None and size < len(records):
             name += f" (first {size} of {len(records)} samples: data.{split}_size)"
         if not dataset.records:
             raise BadInputError(f"{directory}: no usable samples; " + bad.summary(name, 0))
         log.log(logging.WARNING if bad.num_skipped else logging.INFO, "%s", bad.summary(name, len(dataset)))
+        if split == "train":
+            self._warn_if_too_long(bad, len(records[:size]))
         return dataset
+
+    def _warn_if_too_long(self, bad: BadInput, lines: int) -> None:
+        """Warn with the fix when more than :attr:`too_long_warning` of the ``lines`` training lines were
+        skipped as ``too_long``: the model emits too few frames per pixel for this data."""
+        too_long = len(bad.skipped["too_long"])
+        if too_long <= self.too_long_warning * lines:
+            return
+        rate = self.output_length(800) / 800 if self.output_length is not None else float("nan")
+        log.warning(
+            "%d of %d training lines (%.1f %%) are too long for the model, which emits about 1 frame per %.1f px "
+            "(CTC needs one per character, two for a repeated one): it never trains on them. Use a model with "
+            "more frames per pixel, model=crnn_w4 (width / 4, the classic CRNN rate) or model=crnn_large, or a "
+            "larger data.height (images are scaled, aspect kept, so each character gets wider)",
+            too_long, lines, 100 * too_long / lines, 1 / rate)
 
     def length_key(self, dataset: LabelledLines) -> Callable[[int], int]:
         return lambda i: dataset.records[i].width

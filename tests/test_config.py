@@ -24,7 +24,7 @@ SMALL_DATA = ("data.train_size=8", "data.val_size=4", "data.test_size=4", "data.
 
 
 def test_groups_have_the_expected_options():
-    assert set(options("model")) == {"crnn", "crnn_small", "crnn_large"}
+    assert set(options("model")) == {"crnn", "crnn_small", "crnn_large", "crnn_w4"}
     assert set(options("loss")) == {"ctc", "python_ctc", "python_ctc_autograd", "focal_ctc", "reweighted_ctc",
                                     "smoothed_ctc", "maxent_ctc"}
     assert {"digits", "text"} <= set(options("data"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crnn.metrics import TextMetrics, character_error_rate, normalized_edit_distance, sequence_accuracy
+from crnn.metrics import TextMetrics, character_error_rate, normalize, normalized_edit_distance, sequence_accuracy
 
 
 def compute(preds, targets):
@@ -89,3 +89,57 @@ def test_summed_states_of_split_data_equal_one_metric_over_all_data():
     first.merge_state(second)
     for name, value in first.compute().items():
         torch.testing.assert_close(value, expected[name])
+
+
+# Hand-worked: "Hello, World!" (13 chars) vs "hello world" (11): raw needs H->h, W->w and deletes "," and "!" (4
+# edits); caseless only the two deletions; alnum36 compares "helloworld" with itself. "ﬁne" (3 chars, U+FB01 ligature)
+# vs "fine": raw substitutes ﬁ->f and inserts i (2 edits); alnum36 drops the ligature ("ne" vs "fine": 2); NFKC
+# turns it into "fi" (0 edits).
+PROTOCOL_CASES = [
+    # protocol, nfkc, edits per line, reference chars per line, prediction chars per line
+    ("raw", False, (4, 2), (11, 4), (13, 3)),
+    ("caseless", False, (2, 2), (11, 4), (13, 3)),
+    ("alnum36", False, (0, 2), (10, 4), (10, 2)),
+    ("raw", True, (4, 0), (11, 4), (13, 4)),
+    ("caseless", True, (2, 0), (11, 4), (13, 4)),
+    ("alnum36", True, (0, 0), (10, 4), (10, 4)),
+]
+
+
+@pytest.mark.parametrize(("protocol", "nfkc", "edits", "ref_chars", "pred_chars"), PROTOCOL_CASES)
+def test_protocols_by_hand(protocol, nfkc, edits, ref_chars, pred_chars):
+    preds, targets = ["Hello, World!", "\ufb01ne"], ["hello world", "fine"]
+    metric = TextMetrics(protocol, nfkc)
+    metric.update(preds, targets)
+    values = {name: value.item() for name, value in metric.compute().items()}
+    assert values["cer"] == pytest.approx(sum(edits) / sum(ref_chars))
+    assert values["ned"] == pytest.approx(sum(e / max(r, p) for e, r, p in zip(edits, ref_chars, pred_chars)) / 2)
+    assert values["acc"] == sum(e == 0 for e in edits) / 2
+    assert character_error_rate(preds, targets, protocol, nfkc) == pytest.approx(values["cer"])
+    assert sequence_accuracy(preds, targets, protocol, nfkc) == values["acc"]
+    assert normalized_edit_distance(preds, targets, protocol, nfkc) == pytest.approx(values["ned"])
+
+
+def test_normalize_by_hand():
+    assert normalize("Ab-9 Ü!", "raw") == "Ab-9 Ü!"
+    assert normalize("Ab-9 Ü!", "caseless") == "ab-9 ü!"
+    assert normalize("Ab-9 Ü!", "alnum36") == "ab9"  # ü is not one of the 36
+    assert normalize("\uff21\uff42\uff11", "raw", nfkc=True) == "Ab1"  # full-width forms
+    assert normalize("\uff21\uff42\uff11", "alnum36") == ""
+    assert normalize("\uff21\uff42\uff11", "alnum36", nfkc=True) == "ab1"
+
+
+def test_a_label_with_nothing_left_under_alnum36_is_an_empty_reference():
+    assert compute_protocol(["x"], ["?!"], "alnum36") == {"cer": 1.0, "acc": 0.0, "ned": 1.0}  # one insertion
+    assert compute_protocol([""], ["?!"], "alnum36") == {"cer": 0.0, "acc": 1.0, "ned": 0.0}
+
+
+def compute_protocol(preds, targets, protocol):
+    metric = TextMetrics(protocol)
+    metric.update(preds, targets)
+    return {name: value.item() for name, value in metric.compute().items()}
+
+
+def test_unknown_protocol_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown evaluation protocol 'ALNUM'; expected one of \['raw', 'caseless'"):
+        TextMetrics("ALNUM")

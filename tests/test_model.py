@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from crnn.model import CRNN, layer_output_width
+from torch.nn.utils.rnn import pad_packed_sequence
+
+from crnn.model import CRNN, layer_output_width, output_length
 from crnn.module import CRNNModule
 from data import SyntheticDataModule
 from losses import required_frames
@@ -55,9 +57,30 @@ def test_layer_output_width_matches_pytorch(layer):
     assert layer_output_width(layer, widths).tolist() == actual
 
 
-def test_rejects_pools_that_leave_height():
-    with pytest.raises(ValueError, match="reduce height 32 to 1"):
-        CRNN(num_classes=5, channels=(8, 8), pools=((2, 2), (2, 2)))
+@pytest.mark.parametrize(("height", "rows_left"), [(32, 1), (40, 1), (48, 1), (64, 2), (100, 3)])
+def test_any_height_is_one_setting_rows_left_are_averaged(height, rows_left):
+    """40 -> 20, 10, 5, 2, 1 and 48 -> ..., 3, 1 (floor), 64 -> ..., 2 and 100 -> ..., 3 rows: the conv stack's
+    output (hooked) averaged over its rows is what the RNN reads, and the width arithmetic is unchanged."""
+    torch.manual_seed(0)
+    model = CRNN(num_classes=5, height=height).eval()
+    features = []
+    model.cnn[-1].register_forward_hook(lambda module, inputs, output: features.append(output))
+    fed = []
+    model.rnn.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0]))
+    widths = torch.tensor([123, 40])
+    log_probs, lengths = model(torch.rand(2, 1, height, 123), widths)
+    assert model.feature_height == rows_left == features[0].shape[2]
+    pools = ((2, 2), (2, 2), (2, 2), (2, 1), (2, 1))  # the default: width / 8
+    assert lengths.tolist() == [123 // 8, 40 // 8] == [output_length(w, pools) for w in widths.tolist()]
+    assert log_probs.shape == (15, 2, 5)
+    expected = features[0].sum(2) / rows_left  # (B, C, T): the rows' plain average
+    unpacked, _ = pad_packed_sequence(fed[0])  # (T, B, C)
+    torch.testing.assert_close(unpacked[:15, 0], expected[0].T)
+
+
+def test_rejects_a_height_the_pools_cannot_take():
+    with pytest.raises(ValueError, match="height 16 is too small .* multiply to 32: use data.height >= 32"):
+        CRNN(num_classes=5, height=16)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -9,12 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import editdistance
 import lmdb
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from crnn.model import CRNN, output_length
+from crnn.module import CRNNModule
 from crnn.pipeline import train
 from data import (
     BadInput, BadInputError, Charset, FolderDataModule, LmdbDataModule, SyntheticLines, make_renderer, open_split,
@@ -345,7 +349,7 @@ def test_fast_dev_run_on_rendered_data(rendered, tmp_path, data, channels):
     """Grey or RGB (``data.channels=3``: the model's ``in_channels`` follows)."""
     metrics = run(tmp_path, rendered[data], data, "debug=fast_dev_run", "model=crnn_small", f"data.channels={channels}")
     assert metrics["steps"] == 1
-    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("best_checkpoint", "stop_reason", "stop_detail"))
+    assert all(math.isfinite(v) for v in metrics.values() if not isinstance(v, str))
 
 
 def test_debug_overfit_on_a_folder_uses_its_first_batches(rendered, tmp_path):
@@ -361,3 +365,68 @@ def test_training_on_a_rendered_folder_reaches_low_cer(tmp_path):
     dirs = {split: render(tmp_path / "data" / split, size, seed) for split, (size, seed) in sizes.items()}
     metrics = run(tmp_path / "run", dirs, "folder", "trainer.max_time=null", "callbacks.progress_bar.refresh_rate=0")
     assert metrics["test/cer"] < 0.05 and metrics["val/cer"] < 0.05
+
+
+# --- what the model cannot emit: skipped in training, scored in val/test ---------------------------------------
+
+
+def test_val_and_test_score_every_line_and_count_what_the_model_cannot_emit(tmp_path):
+    """Training skips `1x2` (x not in the charset) and `1122334455` (15 frames needed, 96 px / 8 = 12); val and
+    test keep them: test/cer is editdistance over all 4 lines of each image's own prediction, test/unemittable is 2,
+    and test/loss is F.ctc_loss over the 2 emittable lines."""
+    entries = [GOOD[0], BAD_CASES["unknown_char"][1], BAD_CASES["too_long"][1], GOOD[1]]
+    folder = write_folder(tmp_path / "data", entries)
+    dm = FolderDataModule(folder, folder, folder, charset="0123456789", output_length=FRAMES, batch_size=8)
+    dm.setup(None)
+    labels = [label for label, _ in entries]
+    assert [r.label for r in dm.dataset("train").records] == ["12", "345"]
+    assert [r.label for r in dm.dataset("val").records] == [r.label for r in dm.dataset("test").records] == labels
+    assert dm.dataset("test")[1]["target"].tolist() == [2, 3]  # "1x2": the known characters' ids (blank 0)
+
+    torch.manual_seed(0)
+    module = CRNNModule("0123456789", {"_target_": "crnn.model.CRNN", "pools": POOLS, "channels": [4] * 5,
+                                       "rnn_hidden": 8}).eval()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    [metrics] = trainer.test(module, datamodule=dm)
+
+    images = [dm.dataset("test")[i]["image"] for i in range(4)]
+    alone = [module(image[None], torch.tensor([image.shape[-1]])) for image in images]
+    preds = [module.decode(log_probs, lengths)[0] for log_probs, lengths in alone]
+    edits = sum(editdistance.eval(pred, label) for pred, label in zip(preds, labels))
+    assert metrics["test/cer"] == pytest.approx(edits / sum(map(len, labels)))
+    assert metrics["test/lines"] == 4 and metrics["test/unemittable"] == 2
+    log_probs = torch.cat([alone[i][0] for i in (0, 3)], 1)  # (12, 2, 11): both 96 px wide
+    expected = F.ctc_loss(log_probs, torch.tensor([2, 3, 4, 5, 6]), torch.tensor([12, 12]), torch.tensor([2, 3]),
+                          zero_infinity=True)
+    assert metrics["test/loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("too_long", "warned"), [(1, False), (2, True)])
+def test_setup_warns_with_the_fix_when_over_1_percent_of_training_lines_are_too_long(tmp_path, caplog, too_long,
+                                                                                     warned):
+    entries = [GOOD[0]] * (100 - too_long) + [BAD_CASES["too_long"][1]] * too_long
+    folder = write_folder(tmp_path / "data", entries)
+    with caplog.at_level(logging.INFO, logger="data.labelled"):
+        FolderDataModule(folder, folder, folder, charset="0123456789", output_length=FRAMES).setup("fit")
+    warnings = [r.getMessage() for r in caplog.records if "too long for the model" in r.getMessage()]
+    assert len(warnings) == warned
+    if warned:
+        assert warnings[0].startswith("2 of 100 training lines (2.0 %) are too long for the model, which emits about "
+                                      "1 frame per 8.0 px") and "model=crnn_w4" in warnings[0]
+
+
+def test_on_disk_data_defaults_to_the_width_4_model_a_chosen_model_wins():
+    w4 = [[2, 2], [2, 2], [2, 1], [2, 1], [2, 1]]
+    dirs = [f"data.{split}_dir=x" for split in ("train", "val", "test")]
+    assert compose_train("data=folder", *dirs).model.pools == compose_train("data=lmdb", *dirs).model.pools == w4
+    assert compose_train().model.pools == compose_train("data=text").model.pools == POOLS
+    small = compose_train("data=folder", "model=crnn_small", *dirs).model
+    assert small.pools == POOLS and small.channels == [8, 16, 32, 32, 64]
+    assert compose_train("data=folder", *dirs).data.output_length.pools == w4  # too_long follows the model
+
+
+@pytest.mark.parametrize("height", [32, 40, 48, 64])
+def test_data_height_is_one_setting(rendered, tmp_path, height):
+    """`data.height=H` alone: the folder is read at H px, the model takes it, too_long uses the same frames."""
+    metrics = run(tmp_path, rendered["folder"], "folder", "debug=fast_dev_run", f"data.height={height}")
+    assert metrics["steps"] == 1 and math.isfinite(metrics["test/cer"])

@@ -291,3 +291,69 @@ def test_ctc_crnn_runs_a_tool_as_its_script_does(checkpoint, image_dir, tmp_path
 def test_ctc_crnn_is_an_installed_command():
     result = subprocess.run(["ctc-crnn", "make-lmdb", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: ctc-crnn make-lmdb")
+
+
+@pytest.fixture(scope="module")
+def protocol_dir(labelled_dir, tmp_path_factory) -> Path:
+    """Four of labelled_dir's images with labels a digits model cannot emit: a dash, a capital, 40 ones (79 frames
+    needed), and one left as it is."""
+    directory = tmp_path_factory.mktemp("protocol")
+    (directory / "images").mkdir()
+    lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()[:4]]
+    labels = [f"{lines[0][1][0]}-{lines[0][1][1:]}", lines[1][1] + "A", "1" * 40, lines[3][1]]
+    for (path, _), label in zip(lines, labels):
+        shutil.copy(labelled_dir / path, directory / path)
+    (directory / "gt.txt").write_text("".join(f"{path}\t{label}\n" for (path, _), label in zip(lines, labels)))
+    return directory
+
+
+@pytest.mark.parametrize("protocol", ["raw", "caseless", "alnum36"])
+def test_evaluate_protocols_and_by_length_against_editdistance(checkpoint, protocol_dir, protocol, capsys):
+    """Each protocol's metrics and per-length breakdown, from predict.py's readings scored by editdistance after a
+    mapping written out here (lowercase; keep 0-9a-z)."""
+    mapping = {"raw": lambda text: text, "caseless": str.lower,
+               "alnum36": lambda text: "".join(c for c in text.lower() if c in "0123456789abcdefghijklmnopqrstuvwxyz")}
+    lines = [line.split("\t") for line in (protocol_dir / "gt.txt").read_text().splitlines()]
+    predicted = {path: text for path, text, _ in load_script("predict").main(
+        ["--checkpoint", str(checkpoint), str(protocol_dir / "images"), "--device", "cpu"])}
+    pairs = [(mapping[protocol](predicted[str(protocol_dir / path)]), mapping[protocol](label)) for path, label in lines]
+    capsys.readouterr()
+    results = load_script("evaluate").main(["--checkpoint", str(checkpoint), str(protocol_dir), "--device", "cpu",
+                                            "--protocol", protocol, "--by-length"])
+    result = results[str(protocol_dir)]
+    assert result["lines"] == 4 and result["unemittable"] == 3 and result["protocol"] == protocol
+    edits = [editdistance.eval(pred, label) for pred, label in pairs]
+    assert result["cer"] == pytest.approx(sum(edits) / sum(len(label) for _, label in pairs))
+    assert result["acc"] == pytest.approx(sum(pred == label for pred, label in pairs) / 4)
+    lengths = sorted({len(label) for _, label in pairs})
+    assert [row["length"] for row in result["by_length"]] == lengths
+    for row in result["by_length"]:
+        group = [(e, label) for e, (_, label) in zip(edits, pairs) if len(label) == row["length"]]
+        assert row["lines"] == len(group)
+        assert row["cer"] == pytest.approx(sum(e for e, _ in group) / max(1, sum(len(label) for _, label in group)))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{protocol_dir}\tlines=4 cer={result['cer']:.4f} acc=")
+    assert f"protocol={protocol} unemittable=3" in printed[0]
+    assert [line.split("\t")[0] for line in printed[1:]] == [f"  length={length}" for length in lengths]
+
+
+def test_evaluate_nfkc_reads_compatibility_forms_as_plain(checkpoint, protocol_dir, tmp_path):
+    """Full-width digits (U+FF10..) as labels: no reading matches them as they are; under --nfkc the metrics are
+    those of the same images labelled with ASCII digits."""
+    lines = [line.split("\t") for line in (protocol_dir / "gt.txt").read_text().splitlines()]
+    digit_lines = [(path, label) for path, label in lines if label.isdigit()]
+    folders = {}
+    for name, convert in (("ascii", str), ("full_width", lambda label: "".join(chr(0xFF10 + int(c)) for c in label))):
+        folders[name] = tmp_path / name
+        shutil.copytree(protocol_dir / "images", folders[name] / "images")
+        (folders[name] / "gt.txt").write_text("".join(f"{path}\t{convert(label)}\n" for path, label in digit_lines))
+    evaluate = load_script("evaluate")
+
+    def result(name, *options):
+        return evaluate.main(["--checkpoint", str(checkpoint), str(folders[name]), "--device", "cpu", *options])[
+            str(folders[name])]
+
+    ascii_digits, as_is, folded = result("ascii"), result("full_width"), result("full_width", "--nfkc")
+    assert len(digit_lines) == 2 and as_is["acc"] == 0 and as_is["unemittable"] == 2
+    assert folded["protocol"] == "raw+nfkc" and folded["unemittable"] == 2  # the model still cannot emit them
+    assert {k: folded[k] for k in ("cer", "acc", "ned")} == {k: ascii_digits[k] for k in ("cer", "acc", "ned")}
