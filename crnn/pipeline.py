@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
 from crnn.callbacks import TimeBudgetSchedule
+from crnn.finetune import prepare_finetuning
 from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
             raise ValueError(f"trainer.overfit_batches must be a whole number of batches, got {overfit_batches}")
         datamodule.overfit(overfit_batches)
     module = build_module(cfg, datamodule)
+    prepare_finetuning(module, cfg)  # init_from=, freeze=, finetune.*
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
         log.info("no logger: the learning-rate monitor is left out")
