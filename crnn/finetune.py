@@ -122,7 +122,8 @@ def load_pretrained(module: CRNNModule, path: str | os.PathLike) -> CharsetTrans
 
     Raises ``ValueError`` naming ``init_from`` when the checkpoint's image height or channels differ from the
     module's, or when a tensor other than the classifier's class dimension has another shape or is missing on
-    one side (naming the parameter, both shapes and the differing model config keys).
+    one side (naming the parameter, both shapes and the differing model config keys). A model config that
+    differs without changing any shape (e.g. other ``pools``) only logs a warning.
     """
     checkpoint = _load_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
@@ -150,6 +151,9 @@ def load_pretrained(module: CRNNModule, path: str | os.PathLike) -> CharsetTrans
     if pretrained[f"{CLASSIFIER}.weight"].shape[0] != old_charset.num_classes:
         raise ValueError(f"init_from={path}: the checkpoint's classifier has "
                          f"{pretrained[f'{CLASSIFIER}.weight'].shape[0]} rows for {old_charset.num_classes} classes")
+    if differences:  # e.g. other pools: the same tensors, another network
+        log.warning("init_from=%s: the weights fit this run's model, but its config is not the checkpoint's%s",
+                    path, differences)
     transfer = charset_transfer(old_charset, module.charset)
     merged = {key: transfer_rows(pretrained[key], fresh[key], transfer.rows) if key in rows_of else pretrained[key]
               for key in fresh}
@@ -248,6 +252,7 @@ def prepare_finetuning(module: CRNNModule, cfg: DictConfig) -> None:
                  transfer.summary(), blank)
     if parts:
         freeze(module, parts)
-        log.info("freeze=%s: %d parameters frozen, in eval mode while training", list(parts),
+        log.info("freeze=%s: %d parameters frozen, in eval mode while training (the modules Lightning reports "
+                 "in eval mode)", list(parts),
                  sum(p.numel() for p in module.model.parameters() if not p.requires_grad))
     module.pretrained_lr_scale = scale

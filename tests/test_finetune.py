@@ -100,6 +100,14 @@ def test_architecture_mismatch_names_the_parameter_and_both_shapes(tmp_path):
         load_pretrained(module_for(DIGITS + LETTERS, rnn_hidden=48), path)
 
 
+def test_a_config_change_that_keeps_every_shape_loads_with_a_warning(tmp_path, caplog):
+    path = save_checkpoint(module_for(DIGITS, pools=[[2, 2], [2, 2], [2, 2], [2, 1], [2, 1]]), tmp_path / "digits.ckpt")
+    width_by_4 = module_for(DIGITS, pools=[[2, 2], [2, 2], [2, 1], [2, 1], [2, 1]])
+    load_pretrained(width_by_4, path)
+    assert "model config differs: pools [[2, 2], [2, 2], [2, 2], [2, 1], [2, 1]] in the checkpoint, [[2, 2], [2, 2], " \
+           "[2, 1], [2, 1], [2, 1]] here" in caplog.text
+
+
 def test_missing_parameters_are_named(tmp_path):
     path = save_checkpoint(module_for(DIGITS, norm="batch"), tmp_path / "digits.ckpt")
     with pytest.raises(ValueError, match=r"missing from the checkpoint: \['cnn\.0\.bias'.*not in the model: "
@@ -204,7 +212,7 @@ def test_fine_tune_frozen_cnn_with_a_new_charset(digits_checkpoint, letters_fold
     with caplog.at_level(logging.INFO, logger="crnn.finetune"):
         metrics = train(compose_train(*SMALL, *folder(letters_folder, blank=blank), f"init_from={digits_checkpoint}",
                                       "freeze=cnn", "finetune.pretrained_lr_scale=0.1", "trainer.max_epochs=2",
-                                      "trainer.log_every_n_steps=1",
+                                      "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.save_top_k=-1",
                                       output_dir=output))
     assert f"init_from={digits_checkpoint}: weights loaded (fresh optimizer and schedule); classifier rows: kept 10 " \
            f"('0', '1', '2', '3', '4', '5', '6', '7', ...), new 10 ('a', 'b'" in caplog.text
@@ -225,9 +233,38 @@ def test_fine_tune_frozen_cnn_with_a_new_charset(digits_checkpoint, letters_fold
     for row in rates:
         assert float(row["lr-AdamW/pretrained"]) == pytest.approx(0.1 * float(row["lr-AdamW/classifier"]))
 
+    # resuming the fine-tuning run after its first epoch: ckpt_path instead of init_from, the same freeze and
+    # parameter groups (the optimizer state has two groups)
+    (first_epoch,) = (output / "checkpoints").glob("epoch000-*.ckpt")
+    resumed = train(compose_train(*SMALL, *folder(letters_folder, blank=blank), f"ckpt_path={first_epoch}",
+                                  "freeze=cnn", "finetune.pretrained_lr_scale=0.1", "trainer.max_epochs=2",
+                                  "callbacks.model_checkpoint.save_top_k=-1", output_dir=output))
+    assert resumed["steps"] == 8
+    end = torch.load(output / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(end[key], start[key]) for key in cnn)
+
 
 def test_a_checkpoint_of_another_height_is_refused_by_name(digits_checkpoint, letters_folder, tmp_path):
     cfg = compose_train(*SMALL, *folder(letters_folder), f"init_from={digits_checkpoint}", "data.height=64",
                         "model.pools=[[2,2],[2,2],[2,2],[2,1],[4,1]]", output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"images 32 px high, this run's 64 px \(data\.height\)"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_digits_model_learns_the_letters(tmp_path):
+    digits = train(compose_train("model=crnn_small", "trainer=cpu", "callbacks.progress_bar.refresh_rate=0",
+                                 "trainer.max_time=null", "trainer.max_epochs=8", "data.batch_size=32",
+                                 "data.train_size=1600", "data.val_size=128", "data.test_size=128",
+                                 output_dir=tmp_path / "digits"))
+    assert digits["test/cer"] < 0.2
+    render = load_script("render_dataset").main
+    letters = LETTERS[:6]
+    for split, size, seed, charset in (("train", 400, 1, DIGITS + letters), ("val", 64, 2, DIGITS + letters),
+                                       ("test", 64, 3, letters)):  # test lines of letters only
+        render(["--kind", "text", "--charset", charset, "--max-length", "6", "--size", str(size), "--seed", str(seed),
+                "--output", str(tmp_path / "letters" / split)])
+    metrics = train(compose_train(*SMALL, *folder(tmp_path / "letters", charset=DIGITS + letters),
+                                  f"init_from={digits['best_checkpoint']}", "trainer.max_epochs=8",
+                                  "callbacks.early_stopping=null", output_dir=tmp_path / "finetune"))
+    assert metrics["test/cer"] < 0.1
