@@ -144,7 +144,8 @@ def load_pretrained(module: CRNNModule, path: str | os.PathLike) -> CharsetTrans
     rows_of = {f"{CLASSIFIER}.{name}" for name, _ in classifier.named_parameters()}
     for key, tensor in fresh.items():
         old_shape, new_shape = tuple(pretrained[key].shape), tuple(tensor.shape)
-        if (old_shape[1:] if key in rows_of else old_shape) != (new_shape[1:] if key in rows_of else new_shape):
+        free = 1 if key in rows_of else 0  # the classifier's class dimension may differ
+        if old_shape[free:] != new_shape[free:]:
             raise ValueError(f"init_from={path}: parameter model.{key} has shape {old_shape} in the checkpoint but "
                              f"{new_shape} in this run's model{differences}")
     old_charset = Charset(hparams["charset"], blank=hparams.get("blank", 0))
@@ -164,7 +165,7 @@ def load_pretrained(module: CRNNModule, path: str | os.PathLike) -> CharsetTrans
 def trainable_parts(model: nn.Module) -> list[str]:
     """Names of the network's direct children that hold parameters (the CRNN's ``cnn``, ``rnn``, ``classifier``):
     what ``freeze=`` accepts."""
-    return [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    return [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
 
 
 def parse_parts(model: nn.Module, parts: str | Iterable[str] | None) -> tuple[str, ...]:
