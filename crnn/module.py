@@ -17,6 +17,7 @@ from torchmetrics import SumMetric
 
 from crnn.callbacks import PROVISIONAL_STEPS, TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
+from crnn.finetune import param_groups, per_group_max_lr, scale_learning_rates
 from crnn.metrics import TextMetrics
 from data.charset import Charset
 from losses import CTCLoss, required_frames
@@ -113,6 +114,18 @@ class CRNNModule(pl.LightningModule):
             stage: nn.ModuleDict({"lines": SumMetric(), "unemittable": SumMetric()}) for stage in ("val", "test")})
         self._samples: list[tuple[str, str]] = []
         self.last_step: StepOutputs | None = None
+        # set by crnn.finetune.prepare_finetuning (freeze=, finetune.pretrained_lr_scale)
+        self.frozen_parts: tuple[str, ...] = ()
+        self.pretrained_lr_scale = 1.0
+
+    def train(self, mode: bool = True) -> CRNNModule:
+        """``nn.Module.train``, but the frozen parts of the network (``freeze=``) stay in eval mode: their
+        batch-norm statistics stay the pretrained ones and their dropout stays off. Lightning switches modes
+        with ``train()``/``eval()`` (or restores each submodule's captured mode), so this covers every switch."""
+        super().train(mode)
+        for part in self.frozen_parts:
+            getattr(self.model, part).eval()
+        return self
 
     @property
     def input_format(self) -> InputFormat:
@@ -230,13 +243,16 @@ class CRNNModule(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("CRNNModule needs an optimizer factory to train")
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(param_groups(self, self.pretrained_lr_scale))
+        scale_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
         given = getattr(self.scheduler_factory, "keywords", {})
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters and "total_steps" not in given:
             kwargs["total_steps"] = self._schedule_length()
+        # kept on the module: TimeBudgetSchedule rebuilds the scheduler from it
+        self.scheduler_factory = per_group_max_lr(self.scheduler_factory, optimizer)
         scheduler = {"scheduler": self.scheduler_factory(optimizer, **kwargs),
                      "interval": self.hparams.scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -22,6 +22,7 @@ from crnn.callbacks import InterruptCheckpoint, NonFiniteGuard, TimeBudgetSchedu
 from crnn.config_check import check_config
 from crnn.errors import RunFailed, TrainingDiverged
 from crnn.inference import check_resumable, read_checkpoint
+from crnn.finetune import prepare_finetuning
 from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     if resume is not None:
         check_resumable(resume, module, ckpt_path)
         del resume
+    prepare_finetuning(module, cfg)  # init_from=, freeze=, finetune.*
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
         log.info("no logger: the learning-rate monitor is left out")
