@@ -214,6 +214,8 @@ class LabelledDataModule(LineDataModule):
         train_size, val_size, test_size: use only the first that many samples of a split (e.g. for
             debugging on a large dataset); ``None`` uses all. The charset is still inferred from all
             training labels, and malformed lines anywhere in a ``gt.txt`` are still reported.
+        augment: augments training images on the fly (``augment=line``: :class:`data.augment.LineAugment`);
+            ``None`` leaves them as they are. Shapes are kept, so the ``too_long`` screen holds.
 
     The format is the class attribute ``lines`` (a :class:`LabelledLines` subclass; ``None``: each split's
     own, see :func:`split_format`). ``setup`` screens each split's images once (headers only) and logs how many
@@ -242,9 +244,10 @@ class LabelledDataModule(LineDataModule):
         train_size: int | None = None,
         val_size: int | None = None,
         test_size: int | None = None,
+        augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
-                         group_by_length)
+                         group_by_length, augment)
         self.dirs = {"train": str(train_dir), "val": str(val_dir), "test": str(test_dir)}
         self.height = height
         self.channels = channels
