@@ -47,13 +47,22 @@ def _uniform(low: float, high: float) -> float:
     return low + (high - low) * torch.rand(()).item()
 
 
-class InkThickness(torch.nn.Module):
-    """Thicker or thinner strokes: a grey dilation or erosion (3x3 max/min pooling) of the ink, blended with the
-    original by a random weight in ``[0, strength]``, so the change is anywhere between none and one pixel.
+def spread_ink(image: torch.Tensor, weight: float, thicker: bool) -> torch.Tensor:
+    """Strokes of a background-subtracted image ``(C, H, W)`` (paper at 0) made thicker (grey dilation of the ink)
+    or thinner (erosion) by 3x3 max/min pooling, blended with the original: ``lerp(image, pooled, weight)``.
 
-    The ink is the side of the background the image's mean lies on (dark on light or light on dark). Works on a
-    background-subtracted image ``(C, H, W)``, i.e. ink is negative for dark-on-light lines.
+    The ink is the side of the paper the image's mean lies on: negative (dark on light) or positive.
     """
+    dark_ink = image.mean() <= 0  # paper at 0: dark ink pulls the mean below it
+    spread_max = thicker != dark_ink  # dilating light ink = max pooling; dilating dark ink = min pooling
+    sign = 1.0 if spread_max else -1.0
+    pooled = sign * F.max_pool2d(sign * image[None], 3, stride=1, padding=1)[0]
+    return torch.lerp(image, pooled, weight)
+
+
+class InkThickness(torch.nn.Module):
+    """Thicker or thinner strokes (:func:`spread_ink`) with a random weight in ``[0, strength]``: anywhere between
+    no change and one pixel more or less ink. Works on a background-subtracted image."""
 
     def __init__(self, strength: float = 1.0) -> None:
         super().__init__()
@@ -61,20 +70,30 @@ class InkThickness(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         weight = _uniform(0.0, self.strength)
-        thicker = torch.rand(()).item() < 0.5
-        dark_ink = image.mean() <= 0  # background at 0: dark ink pulls the mean below it
-        spread_max = thicker != dark_ink  # dilating light ink = max pooling; dilating dark ink = min pooling
-        sign = 1.0 if spread_max else -1.0
-        pooled = sign * F.max_pool2d(sign * image[None], 3, stride=1, padding=1)[0]
-        return torch.lerp(image, pooled, weight)
+        return spread_ink(image, weight, thicker=torch.rand(()).item() < 0.5)
+
+
+def warp_edges(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Image ``(C, H, W)`` warped by control points on its top and bottom edges: ``shift`` ``(2, 2, P)`` px is the
+    (x, y) displacement of the ``P`` points spread evenly over each edge (top row first, the first and last on the
+    image's corners); between them the displacement is interpolated bilinearly. What moves out of the image is
+    lost, what moves in is 0 (apply it to a background-subtracted image)."""
+    channels, height, width = image.shape
+    field = F.interpolate(shift[None], size=(height, width), mode="bilinear", align_corners=True)[0]  # (2, H, W)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=image.dtype), torch.arange(width, dtype=image.dtype),
+                            indexing="ij")
+    # grid_sample reads each output pixel from where it came from: output p shows input p - shift(p).
+    x = (xs - field[0]) * (2 / max(width - 1, 1)) - 1
+    y = (ys - field[1]) * (2 / max(height - 1, 1)) - 1
+    grid = torch.stack([x, y], dim=-1)[None]
+    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
 
 class LocalWarp(torch.nn.Module):
-    """TIA-style local warp (PaddleOCR's ``tia_distort``, Luo et al. 2020): the line is cut into segments about
-    ``segment`` heights wide; the control points on its top and bottom edges at the segment boundaries move at
-    random by up to ``strength * H`` px in x and y (the line's ends stay inside the image), and the image follows
-    a bilinear interpolation of their displacements. Characters get locally narrower, wider, slanted or bent.
-    """
+    """TIA-style local warp (PaddleOCR's ``tia_distort``, Luo et al. 2020) by :func:`warp_edges`: a control point
+    every ``segment`` heights along the top and bottom edges, each moved at random by up to ``strength * H`` px in
+    x and y (the line's ends only inwards, so no text leaves the image sideways). Characters get locally narrower,
+    wider, slanted or bent."""
 
     def __init__(self, strength: float = 0.15, segment: float = 1.0) -> None:
         super().__init__()
@@ -82,28 +101,28 @@ class LocalWarp(torch.nn.Module):
         self.segment = segment
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        channels, height, width = image.shape
+        height, width = image.shape[-2:]
         points = max(2, round(width / (self.segment * height)) + 1)  # control points per edge
         shift = self.strength * height * (2 * torch.rand(2, 2, points) - 1)  # (x/y, top/bottom, point) px
-        shift[0, :, 0] = shift[0, :, 0].abs()  # the ends move inwards only: no text leaves the image sideways
+        shift[0, :, 0] = shift[0, :, 0].abs()
         shift[0, :, -1] = -shift[0, :, -1].abs()
-        # Displacement field (1, 2, H, W) in px: bilinear between the control points (align_corners puts the
-        # first and last on the image's edges).
-        field = F.interpolate(shift[None], size=(height, width), mode="bilinear", align_corners=True)[0]
-        ys, xs = torch.meshgrid(torch.arange(height, dtype=image.dtype), torch.arange(width, dtype=image.dtype),
-                                indexing="ij")
-        # grid_sample samples the input where each output pixel comes from: output p shows input p - shift(p).
-        x = (xs - field[0]) * (2 / max(width - 1, 1)) - 1
-        y = (ys - field[1]) * (2 / max(height - 1, 1)) - 1
-        grid = torch.stack([x, y], dim=-1)[None]
-        return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        return warp_edges(image, shift)
+
+
+def move_edges(image: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Image ``(C, H, W)`` with its ``[left, right, top, bottom]`` edges moved out by ``offsets`` px (padding with 0;
+    negative: cropping), resized back to ``(H, W)`` (bilinear, antialiased)."""
+    if not any(offsets):
+        return image
+    height, width = image.shape[-2:]
+    return TF.resize(F.pad(image, offsets), [height, width], antialias=True)
 
 
 class EdgeJitter(torch.nn.Module):
-    """A different crop box around the line, as another line detector would give: each edge moves out (padding
-    with the background) or in (cropping) by up to ``pad`` / ``crop`` times the height, left and right, and a
-    quarter of that top and bottom; the result is resized back to the input's ``(H, W)``. Works on a
-    background-subtracted image (the padding is 0)."""
+    """A different crop box around the line, as another line detector would give (:func:`move_edges`): each edge
+    moves out (padding with the background) or in (cropping) by up to ``pad`` / ``crop`` times the height, left
+    and right, and a quarter of that top and bottom, never cutting away more than half of the line. Works on a
+    background-subtracted image."""
 
     def __init__(self, crop: float = 0.1, pad: float = 0.3) -> None:
         super().__init__()
@@ -112,17 +131,24 @@ class EdgeJitter(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
-        # Edge offsets in px, positive = pad: left, right, top, bottom (what F.pad takes; negative crops).
-        limits = [(self.crop, self.pad)] * 2 + [(self.crop / 4, self.pad / 4)] * 2
+        limits = [(self.crop, self.pad)] * 2 + [(self.crop / 4, self.pad / 4)] * 2  # left, right, top, bottom
         offsets = [round(_uniform(-crop * height, pad * height)) for crop, pad in limits]
-        offsets[0] = max(offsets[0], 1 - width // 2)  # never crop a line away
-        offsets[1] = max(offsets[1], 1 - width // 2)
-        offsets[2] = max(offsets[2], 1 - height // 2)
-        offsets[3] = max(offsets[3], 1 - height // 2)
-        if not any(offsets):
-            return image
-        moved = F.pad(image, offsets)
-        return TF.resize(moved, [height, width], antialias=True)
+        floors = [1 - width // 2] * 2 + [1 - height // 2] * 2
+        return move_edges(image, [max(offset, floor) for offset, floor in zip(offsets, floors)])
+
+
+class IfAtLeast(torch.nn.Module):
+    """``transform`` on images at least ``size`` px high and wide; smaller ones pass unchanged (torchvision's blur
+    and elastic kernels reflect-pad by half their size, and its perspective needs distinct corners, which fail on
+    narrower images, e.g. a line of one ``.``)."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
+        super().__init__()
+        self.transform = transform
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(image) if min(image.shape[-2:]) >= self.size else image
 
 
 class LineAugment:
@@ -157,7 +183,7 @@ class LineAugment:
         affine_p: float = 0.5, degrees: float = 1.5, shear: float = 10.0, scale: float = 0.05,
         perspective_p: float = 0.2, perspective: float = 0.1,
         warp_p: float = 0.3, warp: float = 0.12, warp_segment: float = 1.0,
-        elastic_p: float = 0.1, elastic_alpha: float = 8.0, elastic_sigma: float = 4.0,
+        elastic_p: float = 0.0, elastic_alpha: float = 8.0, elastic_sigma: float = 4.0,
         color_p: float = 0.5, brightness: float = 0.25, contrast: float = 0.35, saturation: float = 0.3,
         hue: float = 0.05,
         blur_p: float = 0.3, blur_sigma: float = 1.0,
@@ -171,14 +197,16 @@ class LineAugment:
             v2.RandomApply([EdgeJitter(edge_crop, edge_pad)], p=edges_p),
             v2.RandomApply([v2.RandomAffine(degrees=degrees, scale=(1 - scale, 1 + scale), shear=(-shear, shear),
                                             interpolation=v2.InterpolationMode.BILINEAR)], p=affine_p),
-            v2.RandomPerspective(distortion_scale=perspective, p=perspective_p),
+            IfAtLeast(v2.RandomPerspective(distortion_scale=perspective, p=perspective_p), size=3),
             v2.RandomApply([LocalWarp(warp, warp_segment)], p=warp_p),
-            v2.RandomApply([v2.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma)], p=elastic_p),
+            v2.RandomApply([IfAtLeast(v2.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma),
+                                      size=int(8 * elastic_sigma + 1) // 2 + 1)], p=elastic_p),
         ])
         self.color_p = color_p
         self.color = {1: v2.ColorJitter(brightness=brightness, contrast=contrast),
                       3: v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)}
-        self.blur = v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, max(blur_sigma, 0.1)))], p=blur_p)
+        self.blur = v2.RandomApply([IfAtLeast(v2.GaussianBlur(kernel_size=5, sigma=(0.1, max(blur_sigma, 0.1))),
+                                              size=3)], p=blur_p)
         self.noise_p, self.noise = noise_p, noise
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
