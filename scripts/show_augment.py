@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=32, help="line height (data.height)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: grey, 3: RGB (data.channels)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. augment.degrees=3")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 def compose_augment(option: str, overrides: list[str]):
