@@ -172,8 +172,8 @@ class LineAugment:
 
     ``augment(image, seed)`` takes float ``(C, H, W)`` in ``[0, 1]`` and returns a new float ``(C, H, W)`` in
     ``[0, 1]``; the same ``(image, seed)`` always gives the same result. The random draws come from torch's
-    global RNG (torchvision's transforms use it), seeded with ``seed`` inside ``torch.random.fork_rng``, so the
-    caller's RNG state is untouched.
+    global CPU generator (torchvision's transforms use it), seeded with ``seed`` inside ``torch.random.fork_rng``,
+    so the caller's RNG state is untouched.
     """
 
     def __init__(
@@ -212,7 +212,8 @@ class LineAugment:
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """Augmented copy of ``image`` float ``(C, H, W)`` in ``[0, 1]``, same shape; deterministic per ``seed``."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would also queue
+            # lazy CUDA/XPU seeding with a captured stack trace, about half the cost of an augmentation
             paper = background(image)
             # Geometry on the background-subtracted image, so that the transforms' fill (0) is the paper colour
             # (bilinear interpolation is affine in the pixel values, so the shift commutes with it).
