@@ -171,10 +171,31 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             yield from (batches[b] for b in order)
 
 
+class EpochTaggedBatches(Sampler[list[tuple[int, int]]]):
+    """``batches`` (a batch sampler over an epoch-aware ``sampler``, e.g. :class:`EpochSampler`) with every index
+    ``i`` turned into ``(epoch, i)``: the key of :class:`data.augment.AugmentedLines`. The epoch travels with the
+    indices, so DataLoader workers (persistent ones too) need no shared state. ``.sampler`` is the epoch-aware
+    sampler, where Lightning calls ``set_epoch``."""
+
+    def __init__(self, batches: Sampler[list[int]], sampler: EpochSampler) -> None:
+        self.batches = batches
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        return ([(epoch, i) for i in batch] for batch in self.batches)
+
+
 def line_loader(dataset: Dataset, indices: Iterable[int], batch_size: int, length: Callable[[int], int],
-                shuffle: bool, group_by_length: bool, seed: int, num_workers: int) -> DataLoader:
+                shuffle: bool, group_by_length: bool, seed: int, num_workers: int,
+                tag_epoch: bool = False) -> DataLoader:
     """The DataLoader of every line datamodule: batches of ``indices`` (grouped by ``length`` of each index
     with :class:`LengthGroupedBatchSampler` if ``group_by_length``, else in order), :func:`collate_lines`.
+    ``tag_epoch``: the dataset gets ``(epoch, index)`` keys (:class:`EpochTaggedBatches`; ``indices`` must be an
+    :class:`EpochSampler`).
 
     ``generator`` seeds each worker's torch RNG as ``base_seed + worker_id``, reproducibly; the datasets'
     samples depend only on ``(seed, index)``, never on these RNGs.
@@ -183,6 +204,8 @@ def line_loader(dataset: Dataset, indices: Iterable[int], batch_size: int, lengt
         batches = LengthGroupedBatchSampler(indices, batch_size, key=length, shuffle=shuffle, seed=seed)
     else:
         batches = BatchSampler(indices, batch_size, drop_last=False)
+    if tag_epoch:
+        batches = EpochTaggedBatches(batches, indices)
     return DataLoader(
         dataset,
         batch_sampler=batches,

@@ -249,6 +249,8 @@ class LabelledDataModule(LineDataModule):
             :data:`MAX_ASPECT` times ``height``).
         allow_outside_paths: accept image paths that leave a split's folder (absolute, ``..``); otherwise they
             are ``malformed``.
+        augment: augments training images on the fly (``augment=line``: :class:`data.augment.LineAugment`);
+            ``None`` leaves them as they are. Shapes are kept, so the ``too_long`` screen holds.
 
     The format is the class attribute ``lines`` (a :class:`LabelledLines` subclass; ``None``: each split's
     own, see :func:`split_format`). ``setup`` screens each split's images once (headers only) and logs how many
@@ -284,9 +286,10 @@ class LabelledDataModule(LineDataModule):
         test_size: int | None = None,
         max_width: int | None = None,
         allow_outside_paths: bool = False,
+        augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
-                         group_by_length)
+                         group_by_length, augment)
         self.dirs = {"train": str(train_dir), "val": str(val_dir), "test": str(test_dir)}
         self.height = height
         self.channels = channels

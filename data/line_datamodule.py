@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.augment import AugmentedLines
 from data.batching import STAGE_SPLITS, EpochSampler, line_loader, process_shard, shard_indices
 
 
@@ -25,6 +27,9 @@ class LineDataModule(pl.LightningDataModule):
         group_by_length: batch samples with similar :meth:`length_key` together
             (:class:`data.batching.LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
             key order) to cut padding; False batches in sampler order.
+        augment: ``(image (C, H, W), seed) -> image`` of the same shape, applied to training images on the fly
+            (e.g. :class:`data.augment.LineAugment`, ``augment=line``) with a seed of ``(seed, epoch, index)``;
+            ``None`` (``augment=none``) leaves them as they are. Val and test images are never augmented.
 
     Under a multi-process strategy (DDP) every process loads its own shard (see :func:`process_shard`):
     training batches from :class:`EpochSampler` with ``rank``/``world_size``, and val/test batches from
@@ -40,13 +45,15 @@ class LineDataModule(pl.LightningDataModule):
     ``num_batches`` batches' worth, instead of at most the split's size."""
 
     def __init__(self, sizes: Mapping[str, int | None], batch_size: int, num_workers: int, seed: int,
-                 group_by_length: bool) -> None:
+                 group_by_length: bool,
+                 augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.sizes = dict(sizes)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.group_by_length = group_by_length
+        self.augment = augment
         self.datasets: dict[str, Dataset] = {}
 
     def build_dataset(self, split: str) -> Dataset:
@@ -85,14 +92,17 @@ class LineDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)
         train = split == "train"
+        augment = self.augment if train else None
         rank, world_size = process_shard(self.trainer)  # data-parallel: each process takes its own shard
         indices: Iterable[int] = (
             EpochSampler(len(dataset), seed=self.seed, fresh=self.fresh_train, rank=rank, world_size=world_size)
             if train else shard_indices(len(dataset), rank, world_size)
         )
-        return line_loader(dataset, indices, self.batch_size, length=self.length_key(dataset), shuffle=train,
+        return line_loader(dataset if augment is None else AugmentedLines(dataset, augment, self.seed), indices,
+                           self.batch_size, length=self.length_key(dataset), shuffle=train,
                            group_by_length=self.group_by_length, seed=self.seed,
-                           num_workers=self.num_workers if train else self.eval_num_workers)
+                           num_workers=self.num_workers if train else self.eval_num_workers,
+                           tag_epoch=augment is not None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -391,6 +391,8 @@ class SyntheticDataModule(LineDataModule):
         group_by_length: batch samples of similar text length together
             (:class:`data.batching.LengthGroupedBatchSampler`; train batches in a seeded random order, val/test in
             length order) to cut padding, i.e. wasted model compute; False batches in sampler order.
+        augment: augments training images on the fly (:class:`data.augment.LineAugment`, ``augment=line``) on top
+            of the renderer's ``distortion``; ``None`` (the default: every line is freshly rendered anyway) does not.
 
     Setup, loaders and data-parallel sharding are :class:`data.line_datamodule.LineDataModule`'s. ``.charset``
     (a :class:`Charset`) exists right after construction, so a model can read ``charset.num_classes`` before
@@ -420,9 +422,10 @@ class SyntheticDataModule(LineDataModule):
         group_by_length: bool = True,
         zipf_exponent: float = 0.0,
         char_weights: Sequence[float] | Mapping[str, float] | None = None,
+        augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
-                         group_by_length)
+                         group_by_length, augment)
         self.renderer = make_renderer(
             kind, charset, min_length=min_length, max_length=max_length, height=height,
             words=words, distortion=distortion, zipf_exponent=zipf_exponent, char_weights=char_weights,

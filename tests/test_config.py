@@ -18,7 +18,7 @@ from data import write_lmdb
 from conftest import ROOT, compose_train, load_script
 from conftest import config_options as options
 
-GROUPS = ("model", "loss", "data", "decoder", "trainer", "callbacks", "logger", "debug", "experiment")
+GROUPS = ("model", "loss", "data", "augment", "decoder", "trainer", "callbacks", "logger", "debug", "experiment")
 # Small synthetic splits, so that a composed data module can be set up and batched in well under a second.
 SMALL_DATA = ("data.train_size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4", "data.num_workers=0")
 
@@ -28,6 +28,7 @@ def test_groups_have_the_expected_options():
     assert set(options("loss")) == {"ctc", "python_ctc", "python_ctc_autograd", "focal_ctc", "reweighted_ctc",
                                     "smoothed_ctc", "maxent_ctc"}
     assert {"digits", "text"} <= set(options("data"))
+    assert set(options("augment")) == {"none", "line"}
     assert set(options("decoder")) == {"greedy", "beam"}
     assert {"default", "cpu", "gpu"} <= set(options("trainer"))
     assert {"csv", "tensorboard"} <= set(options("logger"))
