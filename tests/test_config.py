@@ -83,8 +83,9 @@ def data_overrides(option: str, tiny_datasets) -> list[str]:
         wqy = Path("/usr/share/fonts/truetype/wqy")
         if not wqy.is_dir():
             pytest.skip(f"data={option} needs a CJK font: apt-get install fonts-wqy-microhei")
-        return ["data.charset_file=null", "data.charset=" + "".join(map(chr, range(0x4E00, 0x4E00 + 2000))),
-                f"data.fonts=[{wqy}]"]
+        characters = tiny_datasets["folder"]["train"].parent / "cjk_characters.txt"
+        characters.write_text("\n".join(map(chr, range(0x4E00, 0x4E00 + 2000))), encoding="utf-8")
+        return [f"data.charset_file={characters}", f"data.fonts=[{wqy}]"]
     if "train_dir" not in cfg.data.keys():
         return []
     kind = "lmdb" if cfg.data._target_ == "data.LmdbDataModule" else "folder"
