@@ -25,8 +25,10 @@ _SYNTHETIC = (
     "LineRenderer",
     "SyntheticDataModule",
     "SyntheticLines",
+    "find_fonts",
     "installed_fonts",
     "make_renderer",
+    "read_characters",
     "read_words",
 )
 
@@ -64,10 +66,12 @@ __all__ = [
     "SyntheticDataModule",
     "SyntheticLines",
     "collate_lines",
+    "find_fonts",
     "image_to_tensor",
     "installed_fonts",
     "make_renderer",
     "open_split",
+    "read_characters",
     "read_gt",
     "read_lmdb_labels",
     "read_words",

@@ -6,10 +6,14 @@ distortion, blur, noise) from ``numpy.random.default_rng([seed, index])``, so an
 or epoch that asks for the same index of the same seed gets the same sample, and no global RNG is
 touched.
 
-Fonts come only from installed packages: the DejaVu TTFs that matplotlib ships and Pillow's built-in
-font (``ImageFont.load_default(size)``, named ``"default"`` here). A font is used for a charset only
-if it has a glyph for every character (matplotlib's ``DejaVu*Display`` fonts, for example, have no
-digits).
+Fonts: by default the DejaVu TTFs that matplotlib ships and Pillow's built-in font
+(``ImageFont.load_default(size)``, named ``"default"`` here), each used only if it has a glyph for every
+character (matplotlib's ``DejaVu*Display`` fonts, for example, have no digits). Or your own (``fonts``: font
+files and folders, e.g. CJK fonts for a large charset): a font covering only part of the characters draws
+lines from the characters it has (its cmap, read with fontTools), never a missing-glyph box; a character no
+given font has is an error naming it (or, with ``uncovered="skip"``, left out of the lines, with a warning).
+Glyphs are pasted one by one (for random letter spacing), so scripts that need shaping (Arabic, Indic) are
+drawn in their isolated forms: not suitable for them, whether or not Pillow has raqm.
 
 Rendering is plain Pillow + numpy for speed: fonts and per-character glyph masks are cached per
 process, a line is pasted glyph by glyph (for random letter spacing), then one affine warp
@@ -20,10 +24,13 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import math
 import os
 import string
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -41,6 +48,9 @@ KIND_CHARACTERS = {"digits": DIGITS, "text": TEXT_CHARACTERS}
 DEFAULT_FONT = "default"  # Pillow's built-in font
 
 _MISSING_GLYPH = "\ue000"  # private-use code point: renders as the font's "missing glyph" box
+FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
+UNCOVERED_POLICIES = ("error", "skip")
+log = logging.getLogger(__name__)
 
 
 def installed_fonts() -> list[str]:
@@ -57,12 +67,67 @@ def load_font(font: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font, size, layout_engine=ImageFont.Layout.BASIC)
 
 
-def font_covers(font: str, characters: str) -> bool:
-    """Whether ``font`` has a real glyph (not the missing-glyph box) for every non-space character."""
+def find_fonts(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
+    """Font files from a list of font files and folders (searched recursively for ``.ttf``, ``.otf``, ``.ttc``,
+    ``.otc``), sorted per folder; ``"default"`` stands for Pillow's built-in font.
+
+    Raises:
+        ValueError: naming the entry, for a path that does not exist or a folder without fonts.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[str] = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if str(entry) == DEFAULT_FONT:
+            found.append(DEFAULT_FONT)
+        elif path.is_dir():
+            files = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in FONT_SUFFIXES and f.is_file())
+            if not files:
+                raise ValueError(f"data.fonts: folder {str(entry)!r} holds no {'/'.join(FONT_SUFFIXES)} font files")
+            found.extend(files)
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise ValueError(f"data.fonts: {str(entry)!r} is neither a font file nor a folder")
+    return list(dict.fromkeys(found))  # a font given twice is used once
+
+
+def covered_characters(font: str, characters: str) -> str:
+    """The characters of ``characters`` (in order) that ``font`` can draw; the space always counts as covered.
+
+    A font file's character map (fontTools ``getBestCmap``; first font of a collection, as Pillow loads it) says
+    which code points have a glyph. Pillow's built-in font, or a file fontTools cannot read, is checked by
+    rendering: a character whose mask equals that of a private-use code point (the missing-glyph box) has no
+    glyph.
+    """
+    code_points = _cmap(font)
+    if code_points is not None:
+        return "".join(c for c in characters if c == " " or ord(c) in code_points)
     f = load_font(font, 24)
     missing = f.getmask(_MISSING_GLYPH)
     missing = (missing.size, bytes(missing))
-    return all((m.size, bytes(m)) != missing for m in map(f.getmask, set(characters) - {" "}))
+    return "".join(c for c in characters if c == " " or (lambda m: (m.size, bytes(m)))(f.getmask(c)) != missing)
+
+
+@functools.lru_cache(maxsize=None)
+def _cmap(font: str) -> frozenset[int] | None:
+    """Code points with a glyph in ``font``'s best character map, or None where fontTools cannot tell."""
+    if font == DEFAULT_FONT:
+        return None
+    try:
+        from fontTools.ttLib import TTFont
+
+        with TTFont(font, fontNumber=0, lazy=True) as opened:
+            cmap = opened.getBestCmap()
+    except Exception:  # not an sfnt font fontTools reads (e.g. a Type 1 font Pillow can still load)
+        return None
+    return None if cmap is None else frozenset(cmap)
+
+
+def font_covers(font: str, characters: str) -> bool:
+    """Whether ``font`` has a real glyph (not the missing-glyph box) for every non-space character."""
+    return len(covered_characters(font, characters)) == len(characters)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +141,7 @@ def _text_band(font: str, size: int, characters: str) -> tuple[int, int]:
     return top, bottom
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1 << 17)  # large charsets: 6 000 characters x sizes x fonts
 def _glyph(font: str, size: int, char: str) -> tuple[Image.Image | None, int, int, float]:
     """Cached ``(mask, left, top, advance)`` of one character: its anti-aliased coverage mask (``None``
     for blank glyphs such as the space), the mask's offset from the pen position (anchor "la") and
@@ -102,6 +167,24 @@ def read_words(words: Sequence[str] | str | os.PathLike) -> list[str]:
     return [w.strip() for w in words if w.strip()]
 
 
+def read_characters(path: str | os.PathLike) -> str:
+    """The characters of a UTF-8 file, in order of first appearance: one per line (PaddleOCR's dictionary
+    format) or running text; line breaks and tabs are not characters, a line holding only a space gives the
+    space.
+
+    Raises:
+        ValueError: naming the file, if it does not exist or holds no character.
+    """
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"data.charset_file: cannot read {str(path)!r}: {error}") from None
+    characters = "".join(dict.fromkeys(c for c in text if c not in "\r\n\t\ufeff"))
+    if not characters:
+        raise ValueError(f"data.charset_file: {str(path)!r} holds no characters")
+    return characters
+
+
 class LineRenderer:
     """Draws random text lines as grey images of fixed height.
 
@@ -115,8 +198,13 @@ class LineRenderer:
         distortion: strength in ``[0, 1]`` of affine skew/rotation, blur, noise, contrast loss and
             polarity inversion; 0 renders clean lines (fonts, sizes, padding and spacing still vary).
             The default 0.5 is moderate: realistic, and easy enough for a small CRNN.
-        fonts: font paths / ``"default"``; ``None`` uses :func:`installed_fonts`. Fonts lacking a
-            glyph for any of ``characters`` are skipped.
+        fonts: font files and folders (see :func:`find_fonts`) / ``"default"``; ``None`` uses
+            :func:`installed_fonts`, each only if it covers every character. Given fonts that cover only part of
+            ``characters`` draw random lines from the characters they have (word lines: only fonts covering
+            the whole line), never a missing-glyph box.
+        uncovered: what to do with characters none of the fonts can draw: ``"error"`` (default: a
+            ``ValueError`` naming them) or ``"skip"`` (they never appear in lines; a warning names them; they
+            stay in the charset, so class ids do not change).
         zipf_exponent: ``s >= 0``; with ``s > 0`` random-character lines draw the ``k``-th non-space
             character of ``characters`` (1-based, in the given order) with probability proportional to
             ``k ** -s`` (a Zipf-like skew: ``s = 1`` over 36 characters makes the first ~36x as
@@ -142,9 +230,10 @@ class LineRenderer:
         height: int = 32,
         words: Sequence[str] | str | None = None,
         distortion: float = 0.5,
-        fonts: Sequence[str] | None = None,
+        fonts: Sequence[str] | str | None = None,
         zipf_exponent: float = 0.0,
         char_weights: Sequence[float] | Mapping[str, float] | None = None,
+        uncovered: str = "error",
     ) -> None:
         if not 1 <= min_length <= max_length:
             raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
@@ -162,10 +251,6 @@ class LineRenderer:
                 raise ValueError("word list is empty")
             for word in self.words:
                 charset.encode(word)  # raises ValueError naming the word and the character
-        candidates = installed_fonts() if fonts is None else [str(f) for f in fonts]
-        self.fonts = [f for f in candidates if font_covers(f, characters)]
-        if not self.fonts:
-            raise ValueError(f"none of the fonts {candidates} covers the characters {characters!r}")
         self._sizes = list(range(round(0.6 * height), round(1.3 * height) + 1, max(1, height // 10)))
         self._letters = characters.replace(" ", "")
         self._spaces = " " in characters
@@ -173,6 +258,58 @@ class LineRenderer:
         self._probs = _character_probabilities(self._letters, characters, zipf_exponent, char_weights)
         if self._probs is not None and self.words is not None:
             raise ValueError("zipf_exponent/char_weights apply to random-character lines, not to words")
+        self._choose_fonts(fonts, uncovered)
+
+    def _choose_fonts(self, fonts: Sequence[str] | str | None, uncovered: str) -> None:
+        """Set ``fonts`` and, where some font covers only part of the characters, each font's own choices."""
+        if uncovered not in UNCOVERED_POLICIES:
+            raise ValueError(f"uncovered must be one of {UNCOVERED_POLICIES}, got {uncovered!r}")
+        characters = self.characters
+        if fonts is None:  # the installed defaults: only fonts that draw everything
+            candidates = installed_fonts()
+            self.fonts = [f for f in candidates if font_covers(f, characters)]
+            if not self.fonts:
+                raise ValueError(f"none of the fonts {candidates} covers the characters {characters!r}")
+            self.coverage = {f: characters for f in self.fonts}
+        else:
+            candidates = find_fonts(fonts)
+            coverage = {f: covered_characters(f, characters) for f in candidates}
+            self.coverage = {f: chars for f, chars in coverage.items() if chars.replace(" ", "")}
+            useless = [f for f in candidates if f not in self.coverage]
+            if useless:
+                warnings.warn(f"data.fonts: {len(useless)} font(s) draw none of the characters, not used: {useless}")
+            self.fonts = list(self.coverage)
+            drawable = set("".join(self.coverage.values()))
+            missing = [c for c in characters if c not in drawable]
+            if missing and (uncovered == "error" or len(missing) == len(characters.replace(" ", ""))):
+                raise ValueError(
+                    f"no font in data.fonts {candidates} has no glyph for {len(missing)} of the {len(characters)} "
+                    f"characters: {''.join(missing[:40])!r}{' ...' if len(missing) > 40 else ''} "
+                    f"(give fonts that have them, or uncovered=skip to leave them out of the lines)")
+            if missing:
+                warnings.warn(f"{len(missing)} characters no font draws are left out of the lines: "
+                              f"{''.join(missing[:40])!r}{' ...' if len(missing) > 40 else ''}")
+            log.info("fonts: %s", ", ".join(f"{Path(f).name} {len(c)}/{len(characters)}" for f, c in self.coverage.items()))
+        # per-font random-line choices, only where some font lacks characters (else the one global choice, so
+        # the samples of full-coverage fonts are what they always were)
+        self._font_letters = None
+        if any(len(chars) < len(characters) for chars in self.coverage.values()):
+            self._font_letters = {}
+            for font, chars in self.coverage.items():
+                index = np.array([i for i, c in enumerate(self._letters) if c in set(chars)], dtype=np.int64)
+                probs = None if self._probs is None else self._probs[index]
+                if probs is not None and probs.sum() <= 0:
+                    continue  # only zero-weight characters: this font draws no random line
+                self._font_letters[font] = (index, None if probs is None else probs / probs.sum())
+            if self.words is not None:
+                for word in self.words:
+                    if not self._fonts_for(word):
+                        raise ValueError(f"no font in data.fonts draws every character of the word {word!r}")
+
+    def _fonts_for(self, text: str) -> list[str]:
+        """The fonts that can draw every character of ``text``."""
+        needed = set(text)
+        return [f for f, chars in self.coverage.items() if needed <= set(chars)]
 
     @property
     def char_probabilities(self) -> dict[str, float]:
@@ -183,22 +320,39 @@ class LineRenderer:
 
     def __call__(self, rng: np.random.Generator) -> tuple[torch.Tensor, str]:
         """Draw a text and render it: ``(image (1, H, W) float32 in [0, 1], text)``."""
-        text = self.sample_text(rng)
-        return self.render(text, rng), text
+        font = self._draw_font(rng)
+        text = self._sample_text(rng, font)
+        return self.render(text, rng, font), text
 
     def sample_text(self, rng: np.random.Generator) -> str:
         """A random text of ``min_length <= len <= max_length`` characters, never starting or ending
-        with a space (a word line cut right after a word drops that space, so it may be one shorter)."""
+        with a space (a word line cut right after a word drops that space, so it may be one shorter).
+        The same draws as :meth:`__call__`, so the same ``rng`` state gives the same text."""
+        return self._sample_text(rng, self._draw_font(rng))
+
+    def _draw_font(self, rng: np.random.Generator) -> str | None:
+        """The font of a random-character line drawn first, when fonts cover different characters; else None
+        (no draw: the font is chosen in :meth:`render`)."""
+        if self._font_letters is None or self.words is not None:
+            return None
+        fonts = list(self._font_letters)
+        return fonts[int(rng.integers(len(fonts)))]
+
+    def _sample_text(self, rng: np.random.Generator, font: str | None) -> str:
         length = int(rng.integers(self.min_length, self.max_length + 1))
         if self.words is not None:
             line = self.words[rng.integers(len(self.words))]
             while len(line) < length:
                 line += " " + self.words[rng.integers(len(self.words))]
             return line[:length].rstrip()
-        if self._probs is None:
-            picks = rng.integers(len(self._letters), size=length)
+        if font is None:
+            index, probs = None, self._probs
         else:
-            picks = rng.choice(len(self._letters), size=length, p=self._probs)
+            index, probs = self._font_letters[font]
+        count = len(self._letters) if index is None else len(index)
+        picks = rng.integers(count, size=length) if probs is None else rng.choice(count, size=length, p=probs)
+        if index is not None:
+            picks = index[picks]
         chars = [self._letters[i] for i in picks]
         if self._spaces:
             for i in np.flatnonzero(rng.random(length) < 0.15):
@@ -206,13 +360,21 @@ class LineRenderer:
                     chars[i] = " "
         return "".join(chars)
 
-    def render(self, text: str, rng: np.random.Generator) -> torch.Tensor:
-        """Render ``text`` with random style and distortions: float32 tensor ``(1, H, W)`` in ``[0, 1]``."""
+    def render(self, text: str, rng: np.random.Generator, font: str | None = None) -> torch.Tensor:
+        """Render ``text`` with random style and distortions: float32 tensor ``(1, H, W)`` in ``[0, 1]``.
+
+        ``font``: the font to use; None draws one among those that have every character of ``text``.
+        """
         d, h_out = self.distortion, self.height
         u = rng.random(15).tolist()  # one draw for all style parameters (much cheaper than 15 separate calls)
-        font_name = self.fonts[int(u[0] * len(self.fonts))]
+        if font is None:
+            fonts = self.fonts if self._font_letters is None else self._fonts_for(text)
+            if not fonts:
+                raise ValueError(f"no font in {self.fonts} draws every character of {text!r}")
+            font = fonts[int(u[0] * len(fonts))]
+        font_name = font
         size = self._sizes[int(u[1] * len(self._sizes))]
-        top, bottom = _text_band(font_name, size, self.characters)
+        top, bottom = _text_band(font_name, size, self.coverage[font_name])
         band = bottom - top
 
         # Grey levels: light background, dark ink with a minimum contrast; sometimes inverted.
@@ -383,6 +545,11 @@ class SyntheticDataModule(LineDataModule):
         distortion: augmentation strength in ``[0, 1]`` (0.5 = moderate).
         zipf_exponent, char_weights: skewed character frequencies for random-character lines (all
             splits), see :class:`data.synthetic.LineRenderer`; the defaults draw characters uniformly.
+        fonts: font files and folders to render with (``None``: the installed DejaVu fonts and Pillow's);
+            ``uncovered``: ``"error"`` or ``"skip"`` for characters none of them has (see
+            :class:`data.synthetic.LineRenderer`).
+        charset_file: a UTF-8 file giving the characters instead of ``charset`` (see :func:`read_characters`),
+            e.g. a 6 000-character dictionary for a large-charset model.
         blank: CTC blank class id; characters take the other ids.
         fresh_train: if True every epoch renders new training samples (see :class:`data.batching.EpochSampler`),
             else the same ``train_size`` samples are reshuffled each epoch.
@@ -423,12 +590,20 @@ class SyntheticDataModule(LineDataModule):
         zipf_exponent: float = 0.0,
         char_weights: Sequence[float] | Mapping[str, float] | None = None,
         augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        fonts: Sequence[str] | str | None = None,
+        charset_file: str | None = None,
+        uncovered: str = "error",
     ) -> None:
         super().__init__({"train": train_size, "val": val_size, "test": test_size}, batch_size, num_workers, seed,
                          group_by_length, augment)
+        if charset_file is not None:
+            if charset is not None:
+                raise ValueError("give data.charset or data.charset_file, not both")
+            charset = read_characters(charset_file)
         self.renderer = make_renderer(
             kind, charset, min_length=min_length, max_length=max_length, height=height,
             words=words, distortion=distortion, zipf_exponent=zipf_exponent, char_weights=char_weights,
+            fonts=None if fonts is None else list(fonts) if not isinstance(fonts, str) else fonts, uncovered=uncovered,
         )
         self.charset = Charset(self.renderer.characters, blank=blank)
         self.fresh_train = fresh_train

@@ -7,9 +7,12 @@ The beta recursion needs only the emissions, not alpha, so both run in the *same
 ``k`` advances alpha to frame ``k`` and beta to frame ``T-1-k``. Beta is stored with its states reversed,
 which turns its moves ``s -> s, s+1, s+2`` into alpha's ``s, s-1, s-2 -> s``, so one set of elementwise
 ops on a stacked ``(H = 2, B, N+2)`` tensor does both (twice the work per op, half the op launches, and large
-enough for PyTorch to spread over CPU threads). Each step is four ops: the skip move's bias, two
-``logaddexp`` and the emission, gathered per step from the small ``(T, H, B, C+1)`` log-probs so the
-``(T, H, B, N+2)`` emissions are never materialised. The backward is then loop-free.
+enough for PyTorch to spread over CPU threads). Each step is a three-way log-sum-exp over the predecessors
+(:class:`_LogSumExp3Scratch`, ``exp``/``log`` only) and the emission: gathered per step from the small
+``(T, H, B, C+1)`` log-probs when there are few classes, so the ``(T, H, B, N+2)`` emissions are never
+materialised, or gathered once when there are many (a large charset), so the ``(T, B, C)`` log-probs are never
+copied. The backward is then loop-free: ``gamma`` per state, then one ``scatter_add`` into the ``(T, B, C)``
+gradient. :func:`ctc_state_posteriors` gives ``gamma`` per state for losses that need only that.
 
 Per-state tensors are rows of ``N + 2`` columns with two ``-inf`` padding columns first. Flattened, states
 ``s-1`` and ``s-2`` of every row are plain contiguous 1-D views, about 2x faster than ``(B, N)`` strided
@@ -40,26 +43,40 @@ def _pad_states(x: torch.Tensor, value: float = NEG_INF) -> torch.Tensor:
 
 
 def _emission_sources(log_probs, states, with_beta):
-    """What the loop gathers each step's emissions from: ``sources (T, H, B, C+1)``, where step ``k`` reads
-    ``sources[k]`` (``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` when ``with_beta`` beta's frame ``T-1-k``), and
-    ``index (H, B, N+2)``, each state's class (beta's states reversed; class ``C``, ``-inf``, in the padding
-    columns). Gathering per step keeps the ``(T, H, B, N+2)`` emissions from ever being materialised."""
-    num_classes = log_probs.shape[2]
-    with_void = F.pad(log_probs, (0, 1), value=NEG_INF)  # class C: the padding columns' class, never emitted
-    sources, indices = [with_void], [_pad_states(states, num_classes)]
+    """What the loop reads each step's emissions from: ``(sources, index)``; step ``k`` reads ``sources[k]``
+    (``[:, 0]`` alpha's frame ``k``, ``[:, 1]`` when ``with_beta`` beta's frame ``T-1-k``).
+
+    Whichever is smaller of two layouts: with few classes (``C + 1 <= N + 2``), ``sources`` are the log-probs
+    ``(T, H, B, C+1)`` and ``index`` ``(H, B, N+2)`` is each state's class (beta's states reversed; class ``C``,
+    ``-inf``, in the padding columns), gathered per step so the ``(T, H, B, N+2)`` emissions are never
+    materialised; with many classes (a large charset), ``sources`` are those emissions, gathered once, and
+    ``index`` is None, so no copy of the ``(T, B, C)`` log-probs is ever made. NaN and ``+inf`` become 0 (the
+    caller reports such samples as corrupt, see :func:`losses.ctc.corrupt_samples`).
+    """
+    num_frames, _, num_classes = log_probs.shape
+    if num_classes + 1 <= states.shape[1] + PAD:
+        with_void = F.pad(log_probs, (0, 1), value=NEG_INF).nan_to_num_(0.0, 0.0, NEG_INF)  # class C: padding
+        sources, indices = [with_void], [_pad_states(states, num_classes)]
+        if with_beta:
+            sources.append(with_void.flip(0))
+            indices.append(_pad_states(states.flip(1), num_classes))
+        return torch.stack(sources, 1), torch.stack(indices)
+    emissions = log_probs.gather(2, states.expand(num_frames, -1, -1)).nan_to_num_(0.0, 0.0, NEG_INF)  # (T, B, N)
+    sources = [_pad_states(emissions)]
     if with_beta:
-        sources.append(with_void.flip(0))
-        indices.append(_pad_states(states.flip(1), num_classes))
-    return torch.stack(sources, 1), torch.stack(indices)
+        sources.append(_pad_states(emissions.flip((0, 2))))
+    return torch.stack(sources, 1), None
 
 
 def _alpha_emissions(sources, index, frames=None):
     """Alpha's emissions: ``(B, N+2)`` at one frame per sample (``frames (B,)``), or ``(T, B, N+2)`` at every
     frame (``frames=None``)."""
     if frames is None:
-        return sources[:, 0].gather(2, index[0].expand(sources.shape[0], -1, -1))
+        alpha = sources[:, 0]
+        return alpha if index is None else alpha.gather(2, index[0].expand(sources.shape[0], -1, -1))
     rows = torch.arange(frames.shape[0], device=frames.device)
-    return sources[frames, 0, rows].gather(1, index[0])
+    alpha = sources[frames, 0, rows]
+    return alpha if index is None else alpha.gather(1, index[0])
 
 
 def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
@@ -82,6 +99,37 @@ def _start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
     return start, skip.flatten()[PAD:]
 
 
+class _LogSumExp3Scratch:
+    """``out = log(e^a + e^b + e^(c + bias))`` elementwise on 1-D tensors of length ``n``, into preallocated buffers.
+
+    Written with ``exp`` and ``log`` around the elementwise peak rather than as two ``torch.logaddexp``: those
+    call ``log1p``, which is about 10x slower than ``exp``/``log`` on some CPUs (AMD EPYC: 380 vs 33-45 µs for
+    63 k floats), and was most of the forward there. Precision: the peak's own term is exactly 1, so the sum is in
+    ``[1, 3]`` and ``log`` of it is within an ulp, like ``log1p``'s form. Robustness as in
+    :func:`losses.logspace.safe_logaddexp3`: exponents are clamped at ``log(tiny) + 1`` (no slow denormals; what
+    that adds is below the resolution of a sum >= 1), and the peak is taken at least ``finfo.min`` before the
+    subtraction, so three ``-inf`` give ``log(3 e^floor) + (-inf) = -inf``, never ``-inf - -inf = NaN``.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        self.terms = torch.empty(3, n, dtype=dtype, device=device)
+        self.peak, self.reference = torch.empty(2, n, dtype=dtype, device=device)
+        self.floor, self.lowest = math.log(torch.finfo(dtype).tiny) + 1.0, torch.finfo(dtype).min
+
+    def __call__(self, a, b, c, bias, out):
+        terms, peak, reference = self.terms, self.peak, self.reference
+        torch.add(c, bias, out=terms[2])
+        torch.maximum(a, b, out=peak)
+        torch.maximum(peak, terms[2], out=peak)
+        torch.clamp_min(peak, self.lowest, out=reference)
+        torch.sub(a, reference, out=terms[0])
+        torch.sub(b, reference, out=terms[1])
+        terms[2].sub_(reference)
+        terms.clamp_min_(self.floor).exp_()
+        torch.add(terms[0], terms[1], out=out)
+        out.add_(terms[2]).log_().add_(peak)
+
+
 @torch.no_grad()
 def _recursions(sources, index, start, skip_bias, input_lengths):
     """All ``H`` recursions: ``P`` ``(T + 1, H, B, N+2)``, the log-sum-exp over predecessors before the emission;
@@ -95,17 +143,19 @@ def _recursions(sources, index, start, skip_bias, input_lengths):
     if num_recursions == 2 and bool((input_lengths < num_frames).any()):  # beta starts at each sample's end
         frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
         restart = (frame[:, None] >= input_lengths - 1)[:, :, None]  # (T, B, 1) per step k
-    skip, pair = sources.new_empty(2, previous.numel() - PAD)
+    scratch = _LogSumExp3Scratch(previous.numel() - PAD, previous.dtype, previous.device)
     emission = torch.empty_like(start)
     for k in range(num_frames):
         if restart is not None:
             beta_previous = previous.view_as(start)[1]
             beta_previous.copy_(torch.where(restart[k], start[1], beta_previous))
-        torch.add(previous[:-2], skip_bias, out=skip)  # from s - 2
-        torch.logaddexp(previous[2:], previous[1:-1], out=pair)  # from s and s - 1 (-inf, -inf -> -inf)
-        torch.logaddexp(pair, skip, out=predecessors[k + 1].view(-1)[PAD:])
-        torch.gather(sources[k], 2, index, out=emission)
-        torch.add(predecessors[k + 1].view(-1), emission.view(-1), out=previous)
+        # from s, s - 1 and s - 2 (the skip move where allowed)
+        scratch(previous[2:], previous[1:-1], previous[:-2], skip_bias, out=predecessors[k + 1].view(-1)[PAD:])
+        if index is None:
+            torch.add(predecessors[k + 1].view(-1), sources[k].view(-1), out=previous)
+        else:
+            torch.gather(sources[k], 2, index, out=emission)
+            torch.add(predecessors[k + 1].view(-1), emission.view(-1), out=previous)
     return predecessors
 
 
@@ -162,3 +212,25 @@ class AlphaBetaCTC(torch.autograd.Function):
         index = states.expand(num_frames, -1, -1)
         grad = gamma.new_zeros(num_frames, batch, ctx.num_classes).scatter_add_(2, index, gamma)
         return grad.neg_(), None, None, None, None
+
+
+@torch.no_grad()
+def ctc_state_posteriors(log_probs, states, can_skip, input_lengths, target_lengths):
+    """CTC log-likelihood and state posteriors, without any ``(T, B, C)`` tensor: what cross-entropy against the
+    alignment targets needs (``gamma_tc = sum_{s: z_s = c} gamma_t(s)``).
+
+    Args:
+        log_probs: ``(T, B, C)`` (NaN / ``+inf`` read as 0: detect them with :func:`losses.ctc.corrupt_samples`).
+        states, can_skip: ``(B, N)`` from :func:`losses.targets.extended_targets`.
+        input_lengths, target_lengths: ``(B,)`` int64.
+    Returns:
+        ``(log_likelihood (B,), gamma (T, B, N))``, detached; ``gamma`` rows sum to 1 on frames before each
+        input length of samples with ``p > 0`` and are 0 elsewhere. Per-frame shifts of ``log_probs`` (e.g. a
+        missing ``log_softmax``) change the log-likelihood, not ``gamma``.
+    """
+    log_probs = log_probs.detach()
+    sources, index = _emission_sources(log_probs, states, True)
+    start, skip_bias = _start_and_skip(states, can_skip, target_lengths, True, log_probs.dtype)
+    predecessors = _recursions(sources, index, start, skip_bias, input_lengths)
+    log_likelihood = _final_log_likelihood(predecessors, sources, index, input_lengths, target_lengths)
+    return log_likelihood, _state_posteriors(predecessors, sources, index, input_lengths, log_likelihood)

@@ -112,11 +112,12 @@ def ctc_loss(
     check_reduction(reduction)
     checked = check_ctc_arguments(log_probs, targets, input_lengths, target_lengths, blank)
     states, can_skip = extended_targets(checked.padded, blank)
-    log_probs, corrupt = isolate_corrupt_samples(log_probs.to(compute_dtype(log_probs.dtype)), checked.input_lengths)
+    log_probs = log_probs.to(compute_dtype(log_probs.dtype))
+    corrupt = corrupt_samples(log_probs, checked.input_lengths)
     if backward == "autograd":
-        index = states[None].expand(log_probs.shape[0], -1, -1)
+        state_log_probs = log_probs.gather(2, states[None].expand(log_probs.shape[0], -1, -1))
         log_likelihood = alpha_recursion_autograd(
-            log_probs.gather(2, index), can_skip, checked.input_lengths, checked.target_lengths
+            state_log_probs.nan_to_num(0.0, 0.0, NEG_INF), can_skip, checked.input_lengths, checked.target_lengths
         )
         losses = -log_likelihood
     else:
@@ -125,21 +126,18 @@ def ctc_loss(
     return finish_loss(losses, checked.target_lengths, reduction, zero_infinity)
 
 
-def isolate_corrupt_samples(log_probs: torch.Tensor, input_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep NaN / +inf log-probs of one sample from reaching any other.
+def corrupt_samples(log_probs: torch.Tensor, input_lengths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: the sample has a NaN or ``+inf`` log-prob on a frame before its input length.
 
-    The alpha-beta recursion runs all samples' states as one flat row, so a NaN (``NaN + -inf``) or ``+inf``
-    (``inf + -inf``) would leak through the padding columns into the next sample. Every such entry is replaced by
-    0 here, so the recursions see finite numbers only (and its gradient is 0); a sample with one on a valid frame
-    (``t < input_length``) is *corrupt*: the caller reports its loss as ``inf`` (0 under ``zero_infinity``).
-    Entries past a sample's input length are ignored, like every other value there.
-
-    Returns ``(log_probs (T, B, C) with the entries replaced, corrupt (B,) bool)``; no host sync.
+    Such a sample's loss is reported as ``inf`` (0 under ``zero_infinity``) with zero gradient; the recursions
+    read those entries as 0 (``nan_to_num`` of the gathered emissions), so they never reach another sample
+    (the alpha-beta recursion runs all samples' states as one flat row). Entries past a sample's input length
+    are ignored, like every other value there. One ``(T, B)`` reduction (``amax`` propagates NaN), no copy of
+    the log-probs, no host sync.
     """
-    broken = log_probs.isnan() | log_probs.isposinf()  # (T, B, C)
-    valid = (torch.arange(log_probs.shape[0], device=log_probs.device)[:, None] < input_lengths)[..., None]
-    corrupt = (broken & valid).any(2).any(0)
-    return torch.where(broken, torch.zeros_like(log_probs), log_probs), corrupt
+    peak = log_probs.detach().amax(2)  # (T, B): NaN if any NaN, +inf if any +inf
+    valid = torch.arange(log_probs.shape[0], device=log_probs.device)[:, None] < input_lengths
+    return ((peak.isnan() | peak.isposinf()) & valid).any(0)
 
 
 class PythonCTCLoss(CTCLossBase):

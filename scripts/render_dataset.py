@@ -7,7 +7,11 @@ Example::
 writes ``/tmp/ds/train/images/000000.png ...`` (grey PNGs, ``--height`` px high) and ``/tmp/ds/train/gt.txt``
 (``images/000000.png<TAB>label`` lines), ready for ``data=folder`` or ``scripts/make_lmdb.py``. Sample ``i``
 is the sample ``i`` of ``SyntheticLines`` with stream seed ``--seed`` (``SyntheticDataModule(seed=s)`` uses
-``3*s + k`` for split ``k`` of train/val/test), so use a different seed for each split.
+``3*s + k`` for split ``k`` of train/val/test), so use a different seed for each split. Your own fonts and a
+large charset::
+
+    python scripts/render_dataset.py --kind text --charset-file chars.txt --fonts /usr/share/fonts/truetype/wqy \
+        --size 1000 --output /tmp/ds/cjk
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import KIND_CHARACTERS, Charset, SyntheticLines, make_renderer
+from data import KIND_CHARACTERS, Charset, SyntheticLines, make_renderer, read_characters
 from data.folder import write_gt_folder
 
 
@@ -35,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=32, help="image height in px")
     parser.add_argument("--words", default=None, help="word-list file for --kind text")
     parser.add_argument("--distortion", type=float, default=0.5, help="augmentation strength in [0, 1]")
+    parser.add_argument("--fonts", nargs="+", default=None, metavar="FONT_OR_FOLDER",
+                        help="font files and/or folders to render with (default: the installed DejaVu fonts and "
+                             "Pillow's); a font lacking some characters draws lines from the ones it has")
+    parser.add_argument("--charset-file", default=None,
+                        help="UTF-8 file giving the characters instead of --charset (one per line, or running text)")
+    parser.add_argument("--uncovered", choices=["error", "skip"], default="error",
+                        help="characters no font has: an error, or left out of the lines")
     return parser.parse_args(argv)
 
 
@@ -49,9 +60,12 @@ def samples(lines: SyntheticLines) -> Iterator[tuple[Image.Image, str]]:
 def main(argv: list[str] | None = None) -> Path:
     """Render and write the dataset; returns the output folder."""
     args = parse_args(argv)
+    if args.charset_file is not None and args.charset is not None:
+        raise SystemExit("render_dataset.py: give --charset or --charset-file, not both")
+    charset = read_characters(args.charset_file) if args.charset_file else args.charset
     renderer = make_renderer(
-        args.kind, args.charset, min_length=args.min_length, max_length=args.max_length, height=args.height,
-        words=args.words, distortion=args.distortion,
+        args.kind, charset, min_length=args.min_length, max_length=args.max_length, height=args.height,
+        words=args.words, distortion=args.distortion, fonts=args.fonts, uncovered=args.uncovered,
     )
     lines = SyntheticLines(renderer, Charset(renderer.characters), args.size, seed=args.seed)
     count = write_gt_folder(samples(lines), args.output)

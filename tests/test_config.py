@@ -9,6 +9,7 @@ import torch
 import yaml
 from hydra.errors import MissingConfigException
 from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 import crnn.callbacks
@@ -79,6 +80,13 @@ def tiny_datasets(tmp_path_factory) -> dict[str, dict[str, Path]]:
 def data_overrides(option: str, tiny_datasets) -> list[str]:
     """The split directories a data option needs (gt.txt folders or LMDB), none for synthetic data."""
     cfg = compose_train(f"data={option}")
+    if OmegaConf.is_missing(cfg.data, "charset_file"):  # data=text_large: your characters and fonts
+        wqy = Path("/usr/share/fonts/truetype/wqy")
+        if not wqy.is_dir():
+            pytest.skip(f"data={option} needs a CJK font: apt-get install fonts-wqy-microhei")
+        characters = tiny_datasets["folder"]["train"].parent / "cjk_characters.txt"
+        characters.write_text("\n".join(map(chr, range(0x4E00, 0x4E00 + 2000))), encoding="utf-8")
+        return [f"data.charset_file={characters}", f"data.fonts=[{wqy}]"]
     if "train_dir" not in cfg.data.keys():
         return []
     kind = "lmdb" if cfg.data._target_ == "data.LmdbDataModule" else "folder"

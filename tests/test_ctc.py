@@ -301,3 +301,25 @@ def test_one_corrupt_sample_stays_one_corrupt_sample(mode, value):
     losses = ctc_loss(corrupted(log_probs, value, frame=short), targets, input_lengths, target_lengths,
                       reduction="none", backward=mode)
     torch.testing.assert_close(losses, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_beta_three_way_log_sum_exp_matches_logaddexp_and_never_gives_nan(dtype):
+    """The exp/log step of the alpha-beta loop against torch.logaddexp (log1p form), with -inf, huge negative and
+    all--inf triples: -inf - -inf must not give NaN."""
+    from losses.alpha_beta import _LogSumExp3Scratch
+
+    generator = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(3, 4000, generator=generator, dtype=torch.float64) * 30).to(dtype)
+    for x, fill in ((a, float("-inf")), (b, float("-inf")), (c, -1e30)):
+        x[torch.randperm(4000, generator=generator)[:1500]] = fill
+    a[:10] = b[:10] = c[:10] = float("-inf")
+    bias = torch.where(torch.rand(4000, generator=generator) < 0.3, float("-inf"), 0.0).to(dtype)
+    out = torch.empty(4000, dtype=dtype)
+    _LogSumExp3Scratch(4000, dtype, torch.device("cpu"))(a, b, c, bias, out=out)
+    expected = torch.logaddexp(torch.logaddexp(a.double(), b.double()), c.double() + bias.double())
+    assert not out.isnan().any()
+    assert (out[:10] == float("-inf")).all() and torch.equal(out.isneginf(), expected.isneginf())
+    finite = expected.isfinite()
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(out[finite].double(), expected[finite], rtol=4 * ulp, atol=4 * ulp)

@@ -26,6 +26,7 @@ from losses import (
     ReweightedCTCLoss,
     SmoothedCTCLoss,
     ctc_loss,
+    ctc_alignment_targets,
     ctc_path_entropy,
 )
 
@@ -859,3 +860,146 @@ def test_every_loss_keeps_a_corrupt_sample_to_itself(make):
         (grad,) = torch.autograd.grad(losses.masked_fill(losses.isinf(), 0.0).sum(), leaf)
         assert grad.isfinite().all() and (grad[:, 1] == 0).all()
         close(grad[:, keep], expected_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# State-space targets: the same numbers as the dense (T, B, C) formulation they replaced
+# ----------------------------------------------------------------------------------------------------
+# The dense formulas below are the pre-state-space implementation, kept here as the reference: γ (T, B, C)
+# read off the built-in F.ctc_loss's gradient (ctc_alignment_targets), modified per class, cross-entropy
+# against every class.
+
+
+def kept_grad_of(value: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    """Gradient that keeps the graph: a loss and its reference share ``batch.args()``'s log_softmax."""
+    return torch.autograd.grad(value, wrt, retain_graph=True)[0]
+
+
+def dense_reweight(gamma, padded, target_lengths, blank, alpha, mode):
+    if mode == "none":
+        return gamma
+    is_blank = torch.arange(gamma.shape[2]) == blank
+    if mode == "plain":
+        weights = torch.tensor([1.0 - alpha, alpha], dtype=gamma.dtype)
+        return gamma * torch.where(is_blank, weights[0], weights[1])
+    inside = torch.arange(padded.shape[1]) < target_lengths[:, None]
+    counts = torch.zeros(padded.shape[0], gamma.shape[2], dtype=gamma.dtype).scatter_add_(1, padded, inside.to(gamma.dtype))
+    wanted = torch.where(is_blank, ((1.0 - alpha) / alpha * target_lengths.to(gamma.dtype))[:, None], counts)
+    mass = gamma.sum(0)
+    scale = torch.where(mass > 0, wanted / mass.clamp_min(1e-300), torch.zeros_like(mass))
+    scale = torch.where((target_lengths > 0)[:, None], scale, torch.ones_like(scale))
+    reweighted = gamma * scale
+    frame_mass = reweighted.sum(2, keepdim=True)
+    return torch.where(frame_mass > 0, reweighted / frame_mass.clamp_min(1e-300), reweighted)
+
+
+def dense_smooth(gamma, epsilon):
+    has_target = gamma.sum(2, keepdim=True) > 0
+    return torch.where(has_target, (1.0 - epsilon) * gamma + epsilon / gamma.shape[2], gamma)
+
+
+def dense_alignment_loss(log_probs, padded, input_lengths, target_lengths, blank, target_of, zero_infinity):
+    """(B,) dense cross-entropy against ``target_of(γ)``; inf (0 with zero_infinity) where p(target) = 0."""
+    gamma = ctc_alignment_targets(log_probs, padded, input_lengths, target_lengths, blank=blank, ctc_loss=F.ctc_loss)
+    nll = F.ctc_loss(log_probs.detach().log_softmax(-1), padded, input_lengths, target_lengths, blank=blank,
+                     reduction="none")
+    target = target_of(gamma)
+    cross_entropy = -torch.where(target > 0, target * log_probs, torch.zeros_like(log_probs)).sum((0, 2))
+    losses = torch.where(nll.isfinite(), cross_entropy, torch.full_like(cross_entropy, math.inf))
+    return torch.where(losses.isinf(), torch.zeros_like(losses), losses) if zero_infinity else losses
+
+
+def dense_path_entropy(log_probs, padded, input_lengths, target_lengths, blank):
+    """The pre-state-space ctc_path_entropy: γ (T, B, C) from the autograd-mode CTC by double backward."""
+    nll = ctc_loss(log_probs, padded, input_lengths, target_lengths, blank=blank, reduction="none", backward="autograd")
+    feasible = nll.isfinite()
+    finite_nll = torch.where(feasible, nll, torch.zeros_like(nll))
+    (neg_gamma,) = torch.autograd.grad(finite_nll.sum(), log_probs, create_graph=True)
+    products = neg_gamma * torch.where(neg_gamma < 0, log_probs, torch.zeros_like(log_probs))
+    return nll, torch.where(feasible, products.sum((0, 2)) - finite_nll, torch.zeros_like(nll))
+
+
+def state_space_batches():
+    """Random float64 batches: repeats, blank 0 and C - 1, shorter inputs, infeasible samples, and one with
+    C = 8000 classes (the large-charset path: emissions gathered once) at a small T."""
+    batches = [random_batch(4100 + seed, frames=(3, 9), classes=(3, 7), batch=(2, 5), max_label_len=4,
+                            repeats=seed % 2 == 0, blank_last=seed % 3 == 1, requires_grad=True) for seed in range(6)]
+    big = random_batch(4200, frames=10, classes=8000, batch=4, max_label_len=5, repeats=True, blank_last=True,
+                       requires_grad=True)
+    return batches + [big]
+
+
+STATE_SPACE_CASES = [
+    ("reweighted balanced", lambda **k: ReweightedCTCLoss(alpha=0.3, mode="balanced", **k),
+     lambda g, p, tl, blank: dense_reweight(g, p, tl, blank, 0.3, "balanced")),
+    ("reweighted plain", lambda **k: ReweightedCTCLoss(alpha=0.7, mode="plain", **k),
+     lambda g, p, tl, blank: dense_reweight(g, p, tl, blank, 0.7, "plain")),
+    ("reweighted none", lambda **k: ReweightedCTCLoss(mode="none", **k), lambda g, p, tl, blank: g),
+    ("smoothed", lambda **k: SmoothedCTCLoss(epsilon=0.2, **k), lambda g, p, tl, blank: dense_smooth(g, 0.2)),
+    ("smoothed eps 0", lambda **k: SmoothedCTCLoss(epsilon=0.0, **k), lambda g, p, tl, blank: dense_smooth(g, 0.0)),
+    ("smoothed eps 1", lambda **k: SmoothedCTCLoss(epsilon=1.0, **k), lambda g, p, tl, blank: dense_smooth(g, 1.0)),
+]
+
+
+@pytest.mark.parametrize("name,make,dense_target", STATE_SPACE_CASES, ids=[case[0] for case in STATE_SPACE_CASES])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_state_space_targets_equal_the_dense_implementation(name, make, dense_target, zero_infinity):
+    for batch in state_space_batches():
+        log_probs, padded, input_lengths, target_lengths = batch.args()
+        module = make(blank=batch.blank, reduction="none", zero_infinity=zero_infinity)
+        assert not module.uses_dense_targets()
+        got = module(log_probs, padded, input_lengths, target_lengths)
+        expected = dense_alignment_loss(
+            log_probs, padded, input_lengths, target_lengths, batch.blank,
+            lambda gamma: dense_target(gamma, padded[:, : max(batch.target_lengths, default=0)],
+                                       torch.tensor(batch.target_lengths), batch.blank),
+            zero_infinity,
+        )
+        close(got.detach(), expected.detach(), rtol=1e-9)
+        finite = got.isfinite()
+        if finite.any():
+            close(kept_grad_of(got[finite].sum(), batch.logits), kept_grad_of(expected[finite].sum(), batch.logits), rtol=1e-9)
+
+
+def test_max_entropy_in_state_space_equals_the_dense_double_backward():
+    for batch in state_space_batches():
+        args = batch.args()
+        nll, entropy = ctc_path_entropy(*args, blank=batch.blank)
+        dense_nll, dense_entropy = dense_path_entropy(*args, blank=batch.blank)
+        close(nll.detach(), dense_nll.detach())
+        close(entropy.detach(), dense_entropy.detach(), rtol=1e-9)
+        finite = nll.isfinite()
+        if finite.any():
+            got = kept_grad_of(entropy[finite].sum(), batch.logits)
+            close(got, kept_grad_of(dense_entropy[finite].sum(), batch.logits), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["python_ctc", "python_ctc_autograd", "focal_ctc"])
+def test_large_charset_ctc_losses_match_the_builtin(name):
+    """C = 8000 (the gather-once emission path) against F.ctc_loss, value and gradient, float64."""
+    batch = random_batch(4300, frames=12, classes=8000, batch=5, max_label_len=5, repeats=True, blank_last=True,
+                         requires_grad=True)
+    options = dict(blank=batch.blank, reduction="none", zero_infinity=True)  # the built-in's inf loss has NaN gradient
+    make = {"python_ctc": lambda: PythonCTCLoss(**options),
+            "python_ctc_autograd": lambda: PythonCTCLoss(backward="autograd", **options),
+            "focal_ctc": lambda: FocalCTCLoss(gamma=0.0, **options)}[name]
+    got = make()(*batch.args())
+    expected = F.ctc_loss(*batch.args(), **options)
+    assert (expected == 0).any() and (expected > 0).any()  # an infeasible sample and feasible ones
+    close(got.detach(), expected.detach(), rtol=1e-9)
+    close(kept_grad_of(got.sum(), batch.logits), kept_grad_of(expected.sum(), batch.logits), rtol=1e-7)
+
+
+def test_a_transform_override_takes_the_dense_path_with_the_same_numbers():
+    class Identity(ReweightedCTCLoss):
+        def transform(self, gamma, checked):
+            return gamma
+
+    batch = state_space_batches()[0]
+    dense = Identity(mode="none", blank=batch.blank, reduction="none")
+    assert dense.uses_dense_targets()
+    assert ReweightedCTCLoss(ctc=F.ctc_loss).uses_dense_targets()
+    state = ReweightedCTCLoss(mode="none", blank=batch.blank, reduction="none")
+    got, expected = dense(*batch.args()), state(*batch.args())
+    close(got.detach(), expected.detach(), rtol=1e-9)
+    close(kept_grad_of(got[got.isfinite()].sum(), batch.logits), kept_grad_of(expected[got.isfinite()].sum(), batch.logits))
