@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(module: CRNNModule, dataset: LabelledLines, bad: BadInput, args: argparse.Namespace,
              total: TextMetrics, errors: list[str]) -> dict[str, float | int]:
     """Metrics of one dataset (also added to ``total``); misread lines appended to ``errors`` as TSV rows."""
-    metrics, known, decoder = TextMetrics(), set(module.charset.characters), decoder_from_args(args)
+    metrics, known, decoder = TextMetrics(), set(module.charset.characters), decoder_from_args(args, module.charset)
     lines = unknown = 0
     for start in range(0, len(dataset), args.batch_size):
         batch = [(index, image) for index in range(start, min(start + args.batch_size, len(dataset)))
