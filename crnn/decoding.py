@@ -393,7 +393,8 @@ def _merge_duplicates(beams: _Beams, total: Tensor, last: Tensor, extend: Tensor
     alive = total > float("-inf")
     is_parent = beams.parent_key[:, :, None] == beams.key[:, None, :]  # (B, Kq, Kp)
     is_parent &= (alive & (beams.last >= 0))[:, :, None] & alive[:, None, :]
-    has_parent, parent_slot = is_parent.any(2), is_parent.to(torch.uint8).argmax(2)
+    has_parent, parent_slot = is_parent.to(torch.uint8).max(2)  # one pass; the index is the first maximum
+    has_parent = has_parent.bool()
     own_blank = torch.arange(width, device=last.device) * num_classes + blank
     twin = torch.where(has_parent, parent_slot * num_classes + last, own_blank)  # (B, Kq)
     incoming = torch.where(has_parent, extend.gather(1, twin), float("-inf"))
