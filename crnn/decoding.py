@@ -7,6 +7,11 @@ device; the beam search loops over time only, extending every prefix of every li
 The functions (:func:`greedy_decode`, :func:`beam_search`) are what the decoder objects the configs build
 (:class:`GreedyDecoder`, :class:`BeamSearchDecoder`, ``conf/decoder/*.yaml``) call; any object with the
 :class:`Decoder` call signature can stand in for them.
+
+The beam search optionally fuses priors over the text into its ranking (:class:`Fusion`): a character n-gram
+language model (:mod:`crnn.lm`), an insertion bonus per character, a lexicon (:mod:`crnn.lexicon`), and a set of
+allowed characters. Both the LM and the lexicon are finite automata over the text written out as dense tables,
+so each frame advances every prefix of every line with a few gathers, still without host syncs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BeamSearchDecoder", "Decoded", "Decoder", "GreedyDecoder", "beam_search", "greedy_decode"]
+from crnn.lexicon import Lexicon, LexiconTables
+from crnn.lm import LMTables, NgramLM
+
+__all__ = ["BeamSearchDecoder", "Decoded", "Decoder", "Fusion", "GreedyDecoder", "beam_search", "greedy_decode"]
 
 _HASH_MOD = 2**31 - 1  # Mersenne prime: also the 31-bit mask of the low half of a packed key
 _HASH_BASES = (911_382_323, 972_663_749)
@@ -51,19 +59,120 @@ class GreedyDecoder:
 
 
 class BeamSearchDecoder:
-    """Prefix beam search (:func:`beam_search`) keeping ``beam_width`` prefixes per frame; scores are the
-    labelling's log-probability summed over its alignments."""
+    """Prefix beam search (:func:`beam_search`) keeping ``beam_width`` prefixes per frame, optionally with a
+    character n-gram LM, an insertion bonus, a lexicon and a set of allowed characters (see :class:`Fusion`).
 
-    def __init__(self, beam_width: int = 10):
+    Scores are the returned labelling's CTC log-probability ``log P(text | image)`` summed over its alignments,
+    also when the ranking was fused (so a confidence stays a probability of the model).
+
+    Args:
+        beam_width: prefixes kept per line after every frame.
+        lm_path: an ARPA character n-gram model (``scripts/train_char_lm.py``), or None.
+        lm_weight: weight of ``log P_lm(text)`` in the ranking score.
+        insertion_bonus: added to the ranking score per output character (counters the LM's preference for
+            short texts).
+        lexicon_path: a word list, one entry per line, or None.
+        lexicon_mode: ``"word"`` (every output word is an entry) or ``"line"`` (the whole output is an entry).
+        allow: the characters the output may contain (all classes outside it are masked), or None for all.
+        charset: the recogniser's :class:`data.Charset`. Needed by the LM, the lexicon and ``allow``; may be
+            given later with :meth:`bind` (``CRNNModule`` binds its own).
+    """
+
+    def __init__(self, beam_width: int = 10, lm_path: str | None = None, lm_weight: float = 0.5,
+                 insertion_bonus: float = 0.0, lexicon_path: str | None = None, lexicon_mode: str = "word",
+                 allow: str | None = None, charset=None):
         if beam_width < 1:
             raise ValueError(f"beam_width must be positive, got {beam_width}")
+        if allow is not None and not isinstance(allow, str):  # Hydra reads decoder.allow=0123 as the int 123
+            raise TypeError(f"allow must be a string of characters, got {allow!r} (quote it on Hydra's command "
+                            "line: 'decoder.allow=\"0123456789\"')")
         self.beam_width = beam_width
+        self.lm = NgramLM.read_arpa(lm_path) if lm_path else None
+        self.lm_weight, self.insertion_bonus = float(lm_weight), float(insertion_bonus)
+        self.lexicon = Lexicon.from_file(lexicon_path, lexicon_mode) if lexicon_path else None
+        self.allow = allow
+        self.fused = self.lm is not None or self.lexicon is not None or allow is not None or insertion_bonus != 0
+        self.fusion: Fusion | None = None
+        if charset is not None:
+            self.bind(charset)
+
+    def bind(self, charset) -> BeamSearchDecoder:
+        """Compile the LM, lexicon and allowed characters for ``charset`` (a :class:`data.Charset`); returns self."""
+        if self.fused:
+            self.fusion = Fusion.build(charset, self.lm, self.lm_weight, self.insertion_bonus, self.lexicon,
+                                       self.allow)
+        return self
 
     def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
-        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank)
+        if self.fused and self.fusion is None:
+            raise RuntimeError("BeamSearchDecoder with an LM, lexicon, allow or insertion bonus needs the charset: "
+                               "pass charset= or call bind(charset)")
+        if self.fusion is not None and self.fusion.step.device != log_probs.device:  # move the tables once
+            self.fusion = self.fusion.to(log_probs.device, self.fusion.step.dtype)
+        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion)
 
     def __repr__(self) -> str:
-        return f"BeamSearchDecoder(beam_width={self.beam_width})"
+        extras = "".join([f", lm={self.lm!r}, lm_weight={self.lm_weight}" if self.lm else "",
+                          f", insertion_bonus={self.insertion_bonus}" if self.insertion_bonus else "",
+                          f", lexicon={self.lexicon!r}" if self.lexicon else "",
+                          f", allow={self.allow!r}" if self.allow is not None else ""])
+        return f"BeamSearchDecoder(beam_width={self.beam_width}{extras})"
+
+
+class Fusion(NamedTuple):
+    """What the beam search adds to the CTC score, for one charset, on one device.
+
+    A prefix ``y`` is ranked by ``log P_ctc(y) + lm_weight * log P_lm(y) + insertion_bonus * |y|`` and must be
+    a lexicon prefix; a finished line also adds ``lm_weight * log P_lm(</s> | y)`` and must end in an accepting
+    lexicon node. Without an LM the LM tables have one state (the bonus only); without a lexicon the lexicon
+    tables have one accepting node that everything leads back to.
+
+    ``step``: ``(S, C)`` float ``lm_weight * log P_lm(c | state) + insertion_bonus`` (0 for the blank);
+    ``lm_next``: ``(S, C)`` int64; ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
+    ``lexicon``: :class:`crnn.lexicon.LexiconTables`; ``class_mask``: ``(C,)`` float, 0 for allowed classes
+    (and the blank), ``-inf`` for the others, added to the log-probs.
+    """
+
+    step: Tensor
+    lm_next: Tensor
+    lm_end: Tensor
+    lm_start: int
+    lexicon: LexiconTables
+    class_mask: Tensor
+
+    @classmethod
+    def build(cls, charset, lm: NgramLM | None = None, lm_weight: float = 0.5, insertion_bonus: float = 0.0,
+              lexicon: Lexicon | None = None, allow: str | None = None) -> Fusion:
+        """Compile the priors for ``charset`` (a :class:`data.Charset`); an ``allow`` character outside it is an
+        error."""
+        num_classes = charset.num_classes
+        class_chars = [None if c == charset.blank else charset.decode([c]) for c in range(num_classes)]
+        not_blank = torch.tensor([char is not None for char in class_chars])
+        if lm is not None:
+            tables = lm.tables(class_chars)
+        else:
+            tables = LMTables(torch.zeros(1, num_classes), torch.zeros(1, num_classes, dtype=torch.int64),
+                              torch.zeros(1), 0)
+        step = lm_weight * tables.log_probs + insertion_bonus * not_blank
+        if lexicon is not None:
+            lexicon_tables = lexicon.tables(class_chars)
+        else:
+            lexicon_tables = LexiconTables(torch.zeros(1, num_classes, dtype=torch.int64), torch.ones(1, dtype=bool),
+                                           0, -1)
+        class_mask = torch.zeros(num_classes)
+        if allow is not None:
+            outside = sorted(set(allow) - set(charset.characters))
+            if outside:
+                raise ValueError(f"allow: characters {''.join(outside)!r} are not in the model's charset")
+            class_mask = torch.where(not_blank & ~torch.tensor([char is not None and char in allow for char in class_chars]),
+                                     float("-inf"), 0.0)
+        return cls(step, tables.next_state, lm_weight * tables.end, tables.start, lexicon_tables, class_mask)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Fusion:
+        lexicon = LexiconTables(self.lexicon.next_state.to(device), self.lexicon.accepting.to(device),
+                                self.lexicon.start, self.lexicon.sink)
+        return Fusion(self.step.to(device, dtype), self.lm_next.to(device), self.lm_end.to(device, dtype),
+                      self.lm_start, lexicon, self.class_mask.to(device, dtype))
 
 
 def greedy_decode(log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
@@ -94,7 +203,8 @@ class _Beams(NamedTuple):
 
     A prefix is identified by ``key``, a rolling hash of its labels (two 31-bit residues packed into
     int64); ``parent_key`` is the key of the prefix without its last label. Slots with
-    ``p_blank = p_label = -inf`` are dead and may duplicate a live prefix.
+    ``p_blank = p_label = -inf`` are dead and may duplicate a live prefix. The last three fields are None
+    without a :class:`Fusion`.
     """
 
     p_blank: Tensor  # float log P(prefix, path ends in blank)
@@ -102,10 +212,14 @@ class _Beams(NamedTuple):
     last: Tensor  # int64 last label, -1 for the empty prefix
     key: Tensor  # int64 hash of the labels
     parent_key: Tensor  # int64 hash of the labels but the last
+    prior: Tensor | None = None  # float lm_weight * log P_lm(prefix) + insertion_bonus * |prefix|
+    lm_state: Tensor | None = None  # int64 LM state after the prefix
+    lexicon_state: Tensor | None = None  # int64 lexicon node after the prefix
 
 
-def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0) -> Decoded:
-    """CTC prefix beam search without a language model (Hannun et al., 2014).
+def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0,
+                fusion: Fusion | None = None) -> Decoded:
+    """CTC prefix beam search (Hannun et al., 2014), optionally fused with an LM, a lexicon and allowed classes.
 
     Each prefix carries the probability of all paths collapsing to it, split by whether the path
     ends in blank or in the prefix's last label; extensions that reproduce a prefix already in the
@@ -114,34 +228,52 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
     identity uses a 62-bit hash: two different labellings in one line colliding has probability
     about ``2**-62`` per comparison.
 
+    With a ``fusion`` the candidates are ranked by ``log P_ctc + lm_weight * log P_lm + insertion_bonus * |y|``
+    (the final choice also with the LM's end of line), extensions the lexicon does not allow are dropped, and
+    classes outside ``allow`` get probability 0; the CTC probabilities the beam carries are unchanged by it. Per
+    frame this adds, for ``B`` lines, width ``K`` and ``C`` classes, one ``(B, K, C)`` gather of the LM table
+    and one of the lexicon table (the same order as the search's own ``(B, K, C)`` work) and ``(B, K)``
+    gathers of the next states; still no host sync.
+
     Args:
         log_probs: ``(T, B, C)`` float log-probabilities, ``C`` including the blank. Half
             precision is upcast to float32.
         input_lengths: ``(B,)`` int64 number of valid frames per line; later frames are ignored.
         beam_width: number of prefixes kept per line after every frame.
         blank: index of the CTC blank class, anywhere in ``[0, C)``.
+        fusion: priors over the text (:class:`Fusion`, built for this ``C`` and ``blank``), or None.
 
     Returns:
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
         log-probabilities of those labellings summed over all their paths (exact whenever no path of the
-        labelling was pruned, e.g. for a beam as wide as all prefixes).
+        labelling was pruned, e.g. for a beam as wide as all prefixes). With a lexicon that no surviving
+        prefix satisfies (possible in ``line`` mode) a line gets the empty labelling and ``-inf``.
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be positive, got {beam_width}")
     if log_probs.dtype in (torch.float16, torch.bfloat16):
         log_probs = log_probs.float()
     num_frames, batch, _ = log_probs.shape
+    if fusion is not None:
+        fusion = fusion.to(log_probs.device, log_probs.dtype)
+        log_probs = log_probs + fusion.class_mask
     log_probs = _blank_after_end(log_probs, input_lengths.to(log_probs.device), blank)
-    beams = _initial_beams(batch, beam_width, log_probs)
+    beams = _initial_beams(batch, beam_width, log_probs, fusion)
     history = []
     for t in range(num_frames):
-        beams, parent, label = _step(beams, log_probs[t], blank)
+        beams, parent, label = _step(beams, log_probs[t], blank, fusion)
         history.append((parent, label))
     totals = torch.logaddexp(beams.p_blank, beams.p_label)
-    best = totals.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
+    ranking = totals if fusion is None else totals + _final_prior(beams, fusion)
+    best = ranking.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
     scores = totals.gather(1, best[:, None])[:, 0]
     path = _backtrack(history, best, blank)
-    return Decoded(_compact(path, path != blank), scores)
+    keep = path != blank
+    if fusion is not None:  # no allowed text survived: the empty labelling, probability 0
+        found = ranking.gather(1, best[:, None]) > float("-inf")
+        keep &= found
+        scores = torch.where(found[:, 0], scores, float("-inf"))
+    return Decoded(_compact(path, keep), scores)
 
 
 def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Tensor:
@@ -157,15 +289,26 @@ def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Te
     return torch.where(after_end[..., None], certain_blank, log_probs)
 
 
-def _initial_beams(batch: int, width: int, like: Tensor) -> _Beams:
+def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
     """Slot 0 holds the empty prefix with probability one; the other slots are dead."""
     p_blank = like.new_full((batch, width), float("-inf"))
     p_blank[:, 0] = 0.0
     zeros = torch.zeros(batch, width, dtype=torch.int64, device=like.device)
-    return _Beams(p_blank, torch.full_like(p_blank, float("-inf")), zeros - 1, zeros, zeros)
+    beams = _Beams(p_blank, torch.full_like(p_blank, float("-inf")), zeros - 1, zeros, zeros)
+    if fusion is None:
+        return beams
+    return beams._replace(prior=like.new_zeros(batch, width), lm_state=zeros + fusion.lm_start,
+                          lexicon_state=zeros + fusion.lexicon.start)
 
 
-def _step(beams: _Beams, log_probs: Tensor, blank: int) -> tuple[_Beams, Tensor, Tensor]:
+def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
+    """``(B, K)`` what the fusion adds to a finished prefix: its prior, the LM's end of line, and ``-inf`` where
+    the lexicon does not accept it."""
+    accepted = fusion.lexicon.accepting[beams.lexicon_state]
+    return torch.where(accepted, beams.prior + fusion.lm_end[beams.lm_state], float("-inf"))
+
+
+def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None) -> tuple[_Beams, Tensor, Tensor]:
     """Advance every beam by one frame.
 
     Candidates are indexed flat as ``slot * C + class``: class ``c != blank`` is the extension
@@ -175,6 +318,7 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int) -> tuple[_Beams, Tensor,
         beams: current ``K`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
+        fusion: priors to rank by and the lexicon to obey, or None.
 
     Returns:
         ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
@@ -194,6 +338,9 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int) -> tuple[_Beams, Tensor,
     # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
     extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
     extend.scatter_(2, last[..., None], (beams.p_blank + last_log_prob)[..., None])
+    if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
+        lexicon_next = fusion.lexicon.next_state[beams.lexicon_state]  # (B, K, C)
+        extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
     extend = extend.view(batch, width * num_classes)
     stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, last, extend, blank))
 
@@ -201,7 +348,12 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int) -> tuple[_Beams, Tensor,
     stay_total = torch.logaddexp(stay_blank, stay_label)
     scores = torch.where(is_stay, stay_total[..., None], extend.view(batch, width, num_classes))
     scores = scores.view(batch, width * num_classes)
-    chosen = _top_k_first(scores, width)
+    if fusion is None:
+        chosen = _top_k_first(scores, width)
+    else:
+        candidate_prior = beams.prior[..., None] + fusion.step[beams.lm_state]  # (B, K, C); blank column: + 0
+        candidate_prior = candidate_prior.view(batch, width * num_classes)
+        chosen = _top_k_first(scores + candidate_prior, width)
     parent, label = chosen // num_classes, chosen % num_classes
     extended = label != blank
     parent_key = beams.key.gather(1, parent)
@@ -212,6 +364,12 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int) -> tuple[_Beams, Tensor,
         key=torch.where(extended, _extend_hash(parent_key, label), parent_key),
         parent_key=torch.where(extended, parent_key, beams.parent_key.gather(1, parent)),
     )
+    if fusion is not None:  # the blank columns of the tables keep the state, so stays need no special case
+        new_beams = new_beams._replace(
+            prior=candidate_prior.gather(1, chosen),
+            lm_state=fusion.lm_next[beams.lm_state.gather(1, parent), label],
+            lexicon_state=fusion.lexicon.next_state[beams.lexicon_state.gather(1, parent), label],
+        )
     return new_beams, parent, label
 
 
@@ -235,7 +393,8 @@ def _merge_duplicates(beams: _Beams, total: Tensor, last: Tensor, extend: Tensor
     alive = total > float("-inf")
     is_parent = beams.parent_key[:, :, None] == beams.key[:, None, :]  # (B, Kq, Kp)
     is_parent &= (alive & (beams.last >= 0))[:, :, None] & alive[:, None, :]
-    has_parent, parent_slot = is_parent.any(2), is_parent.to(torch.uint8).argmax(2)
+    has_parent, parent_slot = is_parent.to(torch.uint8).max(2)  # one pass; the index is the first maximum
+    has_parent = has_parent.bool()
     own_blank = torch.arange(width, device=last.device) * num_classes + blank
     twin = torch.where(has_parent, parent_slot * num_classes + last, own_blank)  # (B, Kq)
     incoming = torch.where(has_parent, extend.gather(1, twin), float("-inf"))

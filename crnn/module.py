@@ -108,6 +108,8 @@ class CRNNModule(pl.LightningModule):
         self.model = instantiate(model, num_classes=self.charset.num_classes, height=height)
         self.loss = loss if loss is not None else CTCLoss(blank=blank, zero_infinity=True)
         self.decoder = decoder if decoder is not None else GreedyDecoder()
+        if hasattr(self.decoder, "bind"):  # decoders with an LM, lexicon or allowed characters need the charset
+            self.decoder.bind(self.charset)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({stage: TextMetrics(protocol, nfkc) for stage in ("val", "test")})
         self.line_counts = nn.ModuleDict({

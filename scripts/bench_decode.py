@@ -1,26 +1,41 @@
-"""Time greedy and prefix beam-search CTC decoding against pyctcdecode (no language model).
+"""Time greedy and prefix beam-search CTC decoding against pyctcdecode; with a checkpoint, also their accuracy.
 
 Example::
 
     python scripts/bench_decode.py --lines 256 --frames 32 --classes 11 --beam-width 10 --repeats 5
+    python scripts/bench_decode.py --checkpoint last.ckpt --data /tmp/codes/test --lm codes.arpa \
+        --lexicon codes.txt --lexicon-mode line --beam-widths 10 50
 
-pyctcdecode is a benchmark-only dependency (``pip install pyctcdecode``, or the ``bench`` extra);
-without it only our decoders are timed. Its pruning is made permissive so that it, like ours,
-considers every class at every frame: ``token_min_logp=-inf`` (no class is skipped) and
-``beam_prune_logp=-inf`` (no beam is dropped for trailing the best by a margin).
+Without ``--checkpoint``: random log-probs, our decoders timed against pyctcdecode without LM, whose pruning is
+made permissive so that it, like ours, considers every class at every frame: ``token_min_logp=-inf`` (no class
+is skipped) and ``beam_prune_logp=-inf`` (no beam is dropped for trailing the best by a margin).
+
+With ``--checkpoint`` and ``--data`` (a ``gt.txt`` folder or LMDB directory): the model's log-probs of every
+line are computed once, then every decoder (greedy, beam, beam + LM, beam + lexicon, beam + LM + lexicon at each
+``--beam-widths``; pyctcdecode without and with KenLM) decodes them all, and each gets CER, word accuracy
+(``1 - word edit distance / reference words``), line accuracy, lines/s of decoding alone, and the line error
+rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's score). pyctcdecode decodes with
+its default pruning and the same ARPA file through KenLM: every character is made its own "word" (labels
+``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and ``beta = --insertion-bonus``,
+the same fused score as ours. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import string
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+import editdistance
 import torch
 
-from crnn.decoding import beam_search, greedy_decode
+from crnn.decoding import BeamSearchDecoder, Decoder, GreedyDecoder, beam_search, greedy_decode
+from crnn.lexicon import LEXICON_MODES
+from crnn.lm import SPACE
 
 SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
@@ -37,6 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    accuracy = parser.add_argument_group("accuracy on a labelled set (with --checkpoint)")
+    accuracy.add_argument("--checkpoint", help="a training checkpoint: decode its log-probs of --data")
+    accuracy.add_argument("--data", help="gt.txt folder or LMDB directory")
+    accuracy.add_argument("--lm", help="ARPA character n-gram model")
+    accuracy.add_argument("--lm-weight", type=float, default=0.5)
+    accuracy.add_argument("--insertion-bonus", type=float, default=0.0)
+    accuracy.add_argument("--lexicon", help="word list, one entry per line")
+    accuracy.add_argument("--lexicon-mode", choices=LEXICON_MODES, default="word")
+    accuracy.add_argument("--beam-widths", type=int, nargs="+", default=[10, 50])
+    accuracy.add_argument("--batch-size", type=int, default=256, help="lines per decoder call")
     return parser.parse_args(argv)
 
 
@@ -92,11 +117,147 @@ def report(name: str, seconds: float, lines: int) -> None:
     print(f"{name:<28}{seconds * 1e3:10.2f} ms total{seconds * 1e3 / lines:10.4f} ms/line")
 
 
+class LogProbs(NamedTuple):
+    """The model's output for one batch of lines: ``(T, B, C)`` log-probs, ``(B,)`` lengths, ``B`` labels."""
+
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
+    labels: list[str]
+
+
+class Scored(NamedTuple):
+    """One decoder over the whole set: texts, scores (higher = more confident) and decoding seconds."""
+
+    texts: list[str]
+    scores: list[float]
+    seconds: float
+
+
+def model_log_probs(args: argparse.Namespace):
+    """The module and its :class:`LogProbs` of every line of ``--data`` in batches of ``--batch-size``."""
+    from crnn.inference import load_recognizer
+    from data import collate_lines, open_split
+    from data.lmdb import LmdbLines
+
+    module = load_recognizer(args.checkpoint, args.device)
+    channels, height = module.input_format
+    dataset = open_split(args.data, module.charset, height, channels, require_emittable=False)
+    batches = []
+    for start in range(0, len(dataset), args.batch_size):
+        indices = range(start, min(start + args.batch_size, len(dataset)))
+        empty = torch.empty(0, dtype=torch.long)
+        batch = collate_lines([{"image": dataset.image(i), "text": "", "target": empty} for i in indices])
+        log_probs, lengths = module(batch["images"].to(module.device), batch["widths"])
+        batches.append(LogProbs(log_probs, lengths, [dataset.records[i].label for i in indices]))
+    if isinstance(dataset, LmdbLines):
+        dataset.close()
+    return module, batches
+
+
+def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
+    texts, scores, seconds = [], [], 0.0
+    for batch in batches:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        labels, line_scores = decoder(batch.log_probs, batch.lengths, charset.blank)
+        line_scores = line_scores.tolist()
+        seconds += time.perf_counter() - start
+        texts += [charset.decode(ids) for ids in labels]
+        scores += line_scores
+    return Scored(texts, scores, seconds)
+
+
+def pyctcdecode_char_decoder(charset, lm_path: str | None, alpha: float, beta: float):
+    """pyctcdecode with every character its own word (labels ``▁c``, the space ``▁<space>``), so that KenLM
+    scores ``lm_path`` as a character n-gram; None if pyctcdecode (or, with an LM, kenlm) is missing."""
+    try:
+        from pyctcdecode import build_ctcdecoder
+        if lm_path:
+            import kenlm  # noqa: F401
+    except ImportError:
+        return None
+    tokens = ["" if c == charset.blank else charset.decode([c]).replace(" ", SPACE) for c in range(charset.num_classes)]
+    labels = [token and "\u2581" + token for token in tokens]
+    return build_ctcdecoder(labels, kenlm_model_path=lm_path, unigrams=[t for t in tokens if t] if lm_path else None,
+                            alpha=alpha, beta=beta)
+
+
+def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int) -> Scored:
+    texts, scores, seconds = [], [], 0.0
+    for batch in batches:
+        lines = [line[:n] for line, n in zip(batch.log_probs.transpose(0, 1).double().cpu().numpy(),
+                                             batch.lengths.tolist())]
+        start = time.perf_counter()
+        best = [decoder.decode_beams(line, beam_width=beam_width)[0] for line in lines]
+        seconds += time.perf_counter() - start
+        texts += ["".join(" " if word == SPACE else word for word in text.split()) for text, *_ in best]
+        scores += [beam[3] for beam in best]  # logit_score: pyctcdecode's acoustic score of the text
+    return Scored(texts, scores, seconds)
+
+
+def accuracy_row(name: str, scored: Scored, references: list[str]) -> str:
+    edits = sum(editdistance.eval(p, r) for p, r in zip(scored.texts, references))
+    chars = sum(map(len, references))
+    word_edits = sum(editdistance.eval(p.split(), r.split()) for p, r in zip(scored.texts, references))
+    words = sum(len(r.split()) for r in references)
+    wrong = [p != r for p, r in zip(scored.texts, references)]
+    order = sorted(range(len(wrong)), key=lambda i: -scored.scores[i])
+    risks = []
+    for coverage in (0.5, 0.8, 0.95):
+        kept = order[: max(1, math.ceil(coverage * len(order)))]
+        risks.append(sum(wrong[i] for i in kept) / len(kept))
+    return (f"| {name} | {edits / chars:.4f} | {1 - word_edits / words:.4f} | {1 - sum(wrong) / len(wrong):.4f} | "
+            f"{len(references) / scored.seconds:,.0f} | " + " | ".join(f"{r:.4f}" for r in risks) + " |")
+
+
+def accuracy_main(args: argparse.Namespace) -> None:
+    module, batches = model_log_probs(args)
+    charset = module.charset
+    references = [label for batch in batches for label in batch.labels]
+    print(f"{args.data}: {len(references)} lines, decoders on {args.device}, torch_threads={torch.get_num_threads()}")
+    print("| decoder | CER | word acc | line acc | lines/s | err@50% | err@80% | err@95% |")
+    print("|---|---|---|---|---|---|---|---|")
+    fusion = dict(lm_weight=args.lm_weight, insertion_bonus=args.insertion_bonus, charset=charset)
+    runs: dict[str, Scored] = {"greedy": run_ours(GreedyDecoder(), batches, charset, args.device)}
+    print(accuracy_row("greedy", runs["greedy"], references), flush=True)
+    for width in args.beam_widths:
+        decoders = {f"beam {width}": BeamSearchDecoder(width)}
+        if args.lm:
+            decoders[f"beam {width} + char LM"] = BeamSearchDecoder(width, lm_path=args.lm, **fusion)
+        if args.lexicon:
+            decoders[f"beam {width} + lexicon"] = BeamSearchDecoder(
+                width, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, charset=charset)
+        if args.lm and args.lexicon:
+            decoders[f"beam {width} + char LM + lexicon"] = BeamSearchDecoder(
+                width, lm_path=args.lm, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, **fusion)
+        for name, decoder in decoders.items():
+            runs[name] = run_ours(decoder, batches, charset, args.device)
+            print(accuracy_row(name, runs[name], references), flush=True)
+        for lm in ([None, args.lm] if args.lm else [None]):
+            theirs = pyctcdecode_char_decoder(charset, lm, args.lm_weight, args.insertion_bonus)
+            if theirs is None:
+                print(f"(pyctcdecode{' + kenlm' if lm else ''} not installed: skipped)")
+                continue
+            name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm else "")
+            runs[name] = run_pyctcdecode(theirs, batches, width)
+            print(accuracy_row(name, runs[name], references), flush=True)
+            ours = runs[f"beam {width} + char LM" if lm else f"beam {width}"]
+            agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
+            print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text on {agree:.1%}"
+                  " of lines", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        if not args.data:
+            raise SystemExit("error: --checkpoint needs --data")
+        accuracy_main(args)
+        return
     log_probs = make_log_probs(args.frames, args.lines, args.classes, args.scale, args.seed)
     on_device = log_probs.to(args.device)
     lengths = torch.full((args.lines,), args.frames, dtype=torch.int64, device=args.device)

@@ -19,6 +19,7 @@ TOOLS = {  # command -> module of scripts/
     "evaluate": "evaluate",
     "render-dataset": "render_dataset",
     "make-lmdb": "make_lmdb",
+    "train-char-lm": "train_char_lm",
     "export-onnx": "export_onnx",
     "plot-alignment": "plot_alignment",
     "sweep-report": "sweep_report",

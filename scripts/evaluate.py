@@ -80,7 +80,8 @@ def values(metrics: TextMetrics) -> dict[str, float]:
 def evaluate(module: CRNNModule, dataset: LabelledLines, bad: BadInput, args: argparse.Namespace,
              total: Scores, errors: list[str]) -> dict[str, float | int | str | list]:
     """Metrics of one dataset (also added to ``total``); misread lines appended to ``errors`` as TSV rows."""
-    scores, known, decoder = Scores(args.protocol, args.nfkc), set(module.charset.characters), decoder_from_args(args)
+    scores, known = Scores(args.protocol, args.nfkc), set(module.charset.characters)
+    decoder = decoder_from_args(args, module.charset)
     lines = unknown = unemittable = 0
     for start in range(0, len(dataset), args.batch_size):
         batch = [(index, image) for index in range(start, min(start + args.batch_size, len(dataset)))

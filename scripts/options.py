@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 
 from crnn.decoding import BeamSearchDecoder, Decoder, GreedyDecoder
+from crnn.lexicon import LEXICON_MODES
+from data import Charset
 
 DECODERS = ("greedy", "beam")
+FUSION_OPTIONS = ("lm", "lexicon", "allow")  # those that need --decoder beam
 
 
 def positive_int(text: str) -> int:
@@ -18,13 +21,30 @@ def positive_int(text: str) -> int:
 
 
 def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """``--decoder``, ``--beam-width``, ``--batch-size`` (default ``batch_size``) and ``--device``."""
+    """``--decoder``, ``--beam-width``, the beam search's LM / lexicon / allowed characters, ``--batch-size``
+    (default ``batch_size``) and ``--device``."""
     parser.add_argument("--decoder", choices=DECODERS, default="greedy")
     parser.add_argument("--beam-width", type=positive_int, default=10, help="prefixes kept per frame by --decoder beam")
+    fusion = parser.add_argument_group("beam search with a language model or lexicon (with --decoder beam)")
+    fusion.add_argument("--lm", metavar="PATH", help="ARPA character n-gram model (scripts/train_char_lm.py)")
+    fusion.add_argument("--lm-weight", type=float, default=0.5, metavar="W", help="weight of log P_lm (default 0.5)")
+    fusion.add_argument("--insertion-bonus", type=float, default=0.0, metavar="B",
+                        help="score added per output character (default 0)")
+    fusion.add_argument("--lexicon", metavar="PATH", help="word list, one entry per line")
+    fusion.add_argument("--lexicon-mode", choices=LEXICON_MODES, default="word",
+                        help="word: every output word is an entry; line: the whole output is one (default word)")
+    fusion.add_argument("--allow", metavar="CHARS", help="the only characters the output may contain")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--device", default="auto", help="auto (accelerator if available), cpu, cuda, cuda:1, ...")
 
 
-def decoder_from_args(args: argparse.Namespace) -> Decoder:
-    """The decoder that ``--decoder`` / ``--beam-width`` ask for."""
-    return BeamSearchDecoder(args.beam_width) if args.decoder == "beam" else GreedyDecoder()
+def decoder_from_args(args: argparse.Namespace, charset: Charset) -> Decoder:
+    """The decoder that ``--decoder`` and the beam-search options ask for, for a model with ``charset``."""
+    if args.decoder != "beam":
+        given = [f"--{name}" for name in FUSION_OPTIONS if getattr(args, name) is not None]
+        if given or args.insertion_bonus:
+            raise SystemExit(f"error: {', '.join(given) or '--insertion-bonus'} needs --decoder beam")
+        return GreedyDecoder()
+    return BeamSearchDecoder(args.beam_width, lm_path=args.lm, lm_weight=args.lm_weight,
+                             insertion_bonus=args.insertion_bonus, lexicon_path=args.lexicon,
+                             lexicon_mode=args.lexicon_mode, allow=args.allow, charset=charset)

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import brute_force as bf
-from crnn.decoding import BeamSearchDecoder, Decoded, GreedyDecoder, beam_search, greedy_decode
+from crnn.decoding import BeamSearchDecoder, Decoded, Fusion, GreedyDecoder, beam_search, greedy_decode
+from crnn.lexicon import Lexicon
+from crnn.lm import witten_bell
 from crnn.module import CRNNModule
+from data import Charset
 from host_sync import value_reads
 
 
@@ -222,6 +225,161 @@ def test_no_host_sync_per_time_step(decode):
         decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+# ---------------------------------------------------------------- fusion: LM, insertion bonus, lexicon, allow
+
+TOY_CORPUS = ["ab a", "ba", "aab", "b ab", "a", "bb a b"]
+
+
+def exhaustive_best(log_probs, charset, lm=None, lm_weight=0.0, bonus=0.0, allowed=lambda text: True):
+    """The text maximising ``log P_ctc + lm_weight * log P_lm + bonus * |text|`` over every labelling of the
+    ``(T, C)`` log-probs (brute force) that ``allowed`` accepts, with its ``log P_ctc``; ``("", -inf)`` if none."""
+    candidates = []
+    for labelling, log_p in bf.labelling_log_probs(log_probs, charset.blank).items():
+        text = charset.decode(labelling)
+        if allowed(text):
+            fused = log_p + (lm_weight * lm.score(text) if lm is not None else 0.0) + bonus * len(text)
+            candidates.append((fused, text, log_p))
+    if not candidates:
+        return "", -math.inf
+    _, text, log_p = max(candidates)
+    return text, log_p
+
+
+def unbounded(num_frames, num_classes):
+    return sum((num_classes - 1) ** n for n in range(num_frames + 1))
+
+
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize(("lm_weight", "bonus"), [(0.0, 1.5), (1.0, 0.0), (2.0, 1.0), (0.7, -0.5)])
+def test_lm_fusion_with_an_unbounded_beam_finds_the_exhaustive_argmax(blank, lm_weight, bonus):
+    charset = Charset("ab ", blank=blank)
+    lm = witten_bell(TOY_CORPUS, order=3)
+    fusion = Fusion.build(charset, lm, lm_weight, bonus)
+    log_probs = random_log_probs((6, 4, 4), seed=int(10 * lm_weight + bonus) + blank, scale=1.5)
+    lengths = torch.tensor([6, 5, 3, 0])
+    labellings, scores = beam_search(log_probs, lengths, unbounded(6, 4), blank=blank, fusion=fusion)
+    for b, length in enumerate(lengths.tolist()):
+        text, log_p = exhaustive_best(log_probs[:length, b], charset, lm, lm_weight, bonus)
+        assert charset.decode(labellings[b]) == text
+        assert scores[b].item() == pytest.approx(log_p, abs=1e-9)
+
+
+def test_a_strong_lm_changes_the_decision():
+    """The test above must be able to fail: a weighted LM picks another text than plain CTC on some lines."""
+    charset = Charset("ab ")
+    lm = witten_bell(TOY_CORPUS, order=3)
+    log_probs = random_log_probs((6, 8, 4), seed=0, scale=1.5)
+    plain = beam_search(log_probs, torch.full((8,), 6), 50).labels
+    fused = beam_search(log_probs, torch.full((8,), 6), 50, fusion=Fusion.build(charset, lm, 2.0))
+    assert plain != fused.labels
+
+
+@pytest.mark.parametrize(("mode", "entries", "blank", "lm_weight"), [
+    ("word", ["a", "ab", "ba"], 0, 0.0), ("word", ["a", "ab", "ba"], 2, 1.0), ("word", ["b"], 0, 1.0),
+    ("line", ["ab a", "b", "aab", "bab"], 2, 0.0), ("line", ["ab a", "b", "aab", "bab"], 0, 1.0),
+    ("line", ["aaaa"], 0, 1.0)])
+def test_lexicon_output_is_the_best_lexicon_text(blank, mode, entries, lm_weight):
+    charset = Charset("ab ", blank=blank)
+    lexicon = Lexicon(entries, mode)
+    lm = witten_bell(TOY_CORPUS, order=2)
+    fusion = Fusion.build(charset, lm, lm_weight, 0.3, lexicon=lexicon)
+    log_probs = random_log_probs((6, 5, 4), seed=blank + len(entries), scale=1.5)
+    lengths = torch.tensor([6, 6, 4, 2, 0])
+    labellings, scores = beam_search(log_probs, lengths, unbounded(6, 4), blank=blank, fusion=fusion)
+    for b, length in enumerate(lengths.tolist()):
+        text, log_p = exhaustive_best(log_probs[:length, b], charset, lm, lm_weight, 0.3, allowed=lexicon.__contains__)
+        decoded = charset.decode(labellings[b])
+        assert decoded == text
+        assert decoded in lexicon or (decoded == "" and log_p == -math.inf)
+        assert scores[b].item() == pytest.approx(log_p, abs=1e-9)
+
+
+def test_lexicon_keeps_a_narrow_beam_on_lexicon_prefixes():
+    """Width 1, the image says "ab" but the words are "a" and "b": the search must not spend its one slot on "ab"
+    (no lexicon prefix, rejected only at the end); it keeps "a", which "a" + blank/repeat (0.06) beats "a "."""
+    charset = Charset("ab ")
+    fusion = Fusion.build(charset, lexicon=Lexicon(["a", "b"], "word"))
+    labellings, scores = beam_search(peaky([1, 2], num_classes=4), torch.tensor([2]), 1, fusion=fusion)
+    assert labellings == [[1]]
+    assert scores.exp().item() == pytest.approx(0.9 * (0.1 / 3) * 2)
+
+
+def test_word_lexicon_semantics():
+    lexicon = Lexicon(["ab", "b a"], "word")  # an entry with a space adds its words
+    assert lexicon.entries == ["a", "ab", "b"]
+    assert "ab b a" in lexicon and "" in lexicon
+    assert "ab  b" not in lexicon and " ab" not in lexicon and "ab " not in lexicon and "ba" not in lexicon
+    assert "b a" in Lexicon(["b a"], "line") and "b" not in Lexicon(["b a"], "line")
+
+
+def test_lexicon_entries_outside_the_charset_are_left_out_with_a_count():
+    with pytest.warns(UserWarning, match="1 of 3 lexicon entries"):
+        Fusion.build(Charset("ab "), lexicon=Lexicon(["ab", "b", "abc"], "word"))
+
+
+@pytest.mark.parametrize("allow", ["a", "b ", ""])
+def test_allow_masks_the_other_characters(allow):
+    charset = Charset("ab ")
+    fusion = Fusion.build(charset, allow=allow)
+    log_probs = random_log_probs((5, 3, 4), seed=len(allow), scale=1.0)
+    labellings, scores = beam_search(log_probs, torch.tensor([5, 4, 1]), unbounded(5, 4), fusion=fusion)
+    for b, length in enumerate([5, 4, 1]):
+        text, log_p = exhaustive_best(log_probs[:length, b], charset, allowed=lambda t: set(t) <= set(allow))
+        assert charset.decode(labellings[b]) == text
+        assert scores[b].item() == pytest.approx(log_p, abs=1e-9)
+    with pytest.raises(ValueError, match="'9'"):
+        Fusion.build(charset, allow="a9")
+
+
+def test_fused_lines_decode_alike_alone_and_in_a_padded_batch():
+    charset = Charset("ab ", blank=1)
+    fusion = Fusion.build(charset, witten_bell(TOY_CORPUS, 4), 0.8, 0.5, Lexicon(["a", "ab", "bb"]))
+    log_probs = random_log_probs((10, 5, 4), seed=7, scale=2.0)
+    lengths = torch.tensor([10, 3, 0, 7, 1])
+    batched, batched_scores = beam_search(log_probs, lengths, beam_width=5, blank=1, fusion=fusion)
+    for b, length in enumerate(lengths.tolist()):
+        alone, alone_score = beam_search(log_probs[:length, b : b + 1], torch.tensor([length]), 5, 1, fusion)
+        assert batched[b] == alone[0]
+        assert batched_scores[b].item() == pytest.approx(alone_score.item(), abs=1e-12)
+
+
+def test_fusion_adds_no_host_sync_per_time_step():
+    charset = Charset("abcde")
+    fusion = Fusion.build(charset, witten_bell(["abc de", "cab"], 3), 0.5, 0.2, Lexicon(["abc", "de", "cab"]), "abcd")
+
+    def run(frames):
+        beam_search(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]), 4,
+                    fusion=fusion)
+
+    assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+def test_beam_lm_config_builds_a_fused_decoder_that_a_module_binds(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    witten_bell(TOY_CORPUS, 3).write_arpa(tmp_path / "lm.arpa")
+    (tmp_path / "words.txt").write_text("0\n1\n10\n", encoding="utf-8")
+    config = OmegaConf.load("conf/decoder/beam_lm.yaml")
+    config.lm_path, config.lexicon_path, config.allow = str(tmp_path / "lm.arpa"), str(tmp_path / "words.txt"), "01"
+    model = {"_target_": "crnn.model.CRNN", "channels": [4, 4, 4, 4, 4], "rnn_hidden": 8, "dropout": 0.0}
+    module = CRNNModule(charset="0123456789", model=model, decoder=instantiate(config))
+    assert module.decoder.fusion is not None
+    log_probs = torch.cat([peaky([2, 0, 1, 0, 3], 11), peaky([2, 2, 1, 1, 0], 11)], dim=1)  # "102", "10"
+    assert module.decode(log_probs, torch.tensor([5, 5])) == ["10", "10"]
+    with pytest.raises(TypeError, match="quote"):
+        BeamSearchDecoder(allow=123)
+
+
+def test_fused_decoder_needs_a_charset(tmp_path):
+    witten_bell(TOY_CORPUS, 2).write_arpa(tmp_path / "lm.arpa")
+    decoder = BeamSearchDecoder(4, lm_path=str(tmp_path / "lm.arpa"))
+    with pytest.raises(RuntimeError, match="charset"):
+        decoder(random_log_probs((3, 1, 4), seed=0), torch.tensor([3]))
+    decoded = decoder.bind(Charset("ab "))(random_log_probs((3, 1, 4), seed=0), torch.tensor([3]))
+    assert len(decoded.labels) == 1
 
 
 # ---------------------------------------------------------------- decoder objects

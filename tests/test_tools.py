@@ -81,6 +81,57 @@ def test_predict_prints_path_text_confidence_like_the_module(checkpoint, image_d
         assert 0.0 <= float(confidence) <= 1.0
 
 
+def test_predict_json_gives_the_text_with_character_and_word_positions(checkpoint, image_dir, tmp_path, capsys):
+    """Same text and confidence as the plain output; one box per character inside the original image, in reading
+    order; with --words one word (digits have no spaces) spanning them. Images are upscaled 3x first, so that
+    positions must be scaled back to the original pixels."""
+    predict = load_script("predict")
+    image_dir = Path(shutil.copytree(image_dir, tmp_path / "images"))
+    for path in sorted(image_dir.glob("*.png"))[:3]:
+        with Image.open(path) as image:
+            image.resize((image.width * 3, image.height * 3)).save(path.parent / f"big_{path.name}")
+    plain = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"])
+    capsys.readouterr()
+    results = predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam",
+                            "--json", "--words"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == results and len(results) == len(plain) == 8
+    for (path, text, confidence), result in zip(plain, results):
+        with Image.open(path) as image:
+            assert (result["width"], result["height"]) == image.size
+        assert (result["path"], result["text"]) == (path, text)
+        assert result["confidence"] == pytest.approx(confidence, rel=1e-3)
+        assert result["log_prob"] == pytest.approx(np.log(confidence), abs=1e-3)
+        assert "".join(c["char"] for c in result["chars"]) == text
+        starts = [c["x0"] for c in result["chars"]]
+        assert starts == sorted(starts)
+        assert all(0 <= c["x0"] < c["x1"] <= result["width"] and 0 <= c["confidence"] <= 1 for c in result["chars"])
+        assert [w["word"] for w in result["words"]] == text.split()
+        if text:
+            assert (result["words"][0]["x0"], result["words"][0]["x1"]) == (starts[0], result["chars"][-1]["x1"])
+    by_name = {Path(r["path"]).name: r for r in results}
+    for name in ["line0.png", "line1.png", "line2.png"]:
+        small, big = by_name[name], by_name[f"big_{name}"]
+        if small["text"] == big["text"] and small["text"]:  # the same reading at 3x: about the same place
+            assert big["chars"][0]["x0"] == pytest.approx(3 * small["chars"][0]["x0"], abs=12)
+    assert any(r["text"] for r in results)
+
+
+def test_predict_beam_options_constrain_the_output(checkpoint, image_dir, tmp_path, capsys):
+    predict = load_script("predict")
+    base = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"]
+    assert all(set(text) <= set("13") for _, text, _ in predict.main([*base, "--allow", "13"]))
+    (tmp_path / "codes.txt").write_text("123\n4567\n", encoding="utf-8")
+    constrained = predict.main([*base, "--lexicon", str(tmp_path / "codes.txt"), "--lexicon-mode", "line"])
+    assert all(text in ("123", "4567", "") for _, text, _ in constrained)
+    lm = tmp_path / "digits.arpa"
+    load_script("train_char_lm").main([str(tmp_path / "codes.txt"), "--order", "3", "--output", str(lm)])
+    with_lm = predict.main([*base, "--lm", str(lm), "--lm-weight", "0.3", "--insertion-bonus", "0.5"])
+    assert len(with_lm) == 5
+    with pytest.raises(SystemExit, match="--lm needs --decoder beam"):
+        predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--lm", str(lm)])
+
+
 def test_predict_reads_only_formats_pillow_opens_and_rejects_a_zero_batch(checkpoint, image_dir, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
