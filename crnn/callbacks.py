@@ -492,6 +492,7 @@ class InterruptCheckpoint(Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.signal: str | None = None
+        self.saved = False  # whether the interruption came during fit and its state was saved
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -502,6 +503,7 @@ class InterruptCheckpoint(Callback):
             return
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             trainer.save_checkpoint(self.path)
+            self.saved = True
             log.warning("%s at step %d: saved %s", self.signal, trainer.global_step, self.path)
 
 

@@ -187,9 +187,15 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     if not best:
         log.warning("no best checkpoint was saved; validating and testing the current weights")
     metrics: dict[str, float | int | str] = {}
-    for run in (trainer.validate, trainer.test):
-        metrics.update({k: int(v) if k.endswith(COUNTS) else float(v)
-                        for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+    try:
+        for run in (trainer.validate, trainer.test):
+            metrics.update({k: int(v) if k.endswith(COUNTS) else float(v)
+                            for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+    except SystemExit:  # Ctrl-C or SIGTERM while testing: the training is done, the result is not
+        if not trainer.interrupted:
+            raise
+        fail(output_dir, {**done, "stop_reason": "interrupted", "best_checkpoint": best},
+             RunFailed(interrupted_message(trainer)))
     metrics.update(done, best_checkpoint=best, protocol=module.metrics["test"].protocol_name)
     limit = cfg.get("max_usable_cer", 1.0)
     if limit is not None and not trainer.fast_dev_run and not metrics["val/cer"] < limit:
@@ -225,9 +231,13 @@ def fail(output_dir: Path, metrics: dict[str, float | int | str], error: RunFail
 def interrupted_message(trainer: pl.Trainer) -> str:
     """What interrupted ``fit`` and how to resume, from the :class:`InterruptCheckpoint` callback."""
     saver = next((callback for callback in trainer.callbacks if isinstance(callback, InterruptCheckpoint)), None)
-    if saver is None or saver.signal is None or not saver.path.is_file():
+    if saver is None or saver.signal is None:
         return (f"interrupted at step {trainer.global_step}; no checkpoint saved at the interruption "
                 "(callbacks.interrupt_checkpoint is off): resume from the last validation's checkpoints/last.ckpt")
+    if not saver.saved:  # after fit: validating or testing the trained model
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        return (f"interrupted by {saver.signal} while validating/testing after training ({trainer.global_step} "
+                f"steps); the trained model is in {best or saver.path.parent}: test it with scripts/evaluate.py")
     return (f"interrupted by {saver.signal} at step {trainer.global_step}; saved {saver.path}: resume with the same "
             f"overrides plus ckpt_path={saver.path}")
 

@@ -248,7 +248,7 @@ def test_datamodule_batches_and_disjoint_splits():
     batches = list(dm.train_dataloader())
     assert sorted(b["images"].shape[0] for b in batches) == [2, 4, 4]
     for b in batches:
-        assert set(b) == {"images", "widths", "targets", "target_lengths", "texts"}
+        assert set(b) == {"images", "widths", "targets", "target_lengths", "texts", "skipped"}
         assert b["images"].shape[:3] == (len(b["texts"]), 1, 32) and b["images"].shape[3] == b["widths"].max()
         assert b["targets"].shape == (len(b["texts"]), b["target_lengths"].max())
         for row, length, text in zip(b["targets"], b["target_lengths"], b["texts"]):

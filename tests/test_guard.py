@@ -140,21 +140,24 @@ def test_a_run_without_a_usable_model_fails_but_a_sweep_job_only_records_it(tmp_
 
 
 # ------------------------------------------------------------------------------------------------ interrupts
-def test_sigterm_saves_a_resumable_last_checkpoint_and_exits_non_zero(tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_resumable_last_checkpoint_and_exits_non_zero(tmp_path, sent):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.max_epochs=200", "callbacks.progress_bar.refresh_rate=1",
                  "callbacks.progress_bar.line_every_n_steps=1", "callbacks.early_stopping=null"]
     process = subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as on a terminal
     log_file, deadline = run_dir / "train.log", time.monotonic() + 240
     while not (log_file.exists() and "step 5/" in log_file.read_text()):  # progress lines: stdout is no terminal
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.2)
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, sent)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert f"interrupted by SIGTERM at step " in stderr and f"resume with the same overrides plus ckpt_path={last}" \
+    assert f"interrupted by {sent.name} at step " in stderr and f"resume with the same overrides plus ckpt_path={last}" \
         in stderr and "Traceback" not in stderr
     result = json.loads((run_dir / "final_metrics.json").read_text())
     assert result["stop_reason"] == "interrupted" and result["steps"] >= 5 and "val/cer" not in result

@@ -76,7 +76,7 @@ def test_a_run_cut_short_by_max_time_says_so(tmp_path, caplog):
 @pytest.mark.parametrize(("overrides", "reason", "detail"), [
     (["+trainer.max_steps=3"], "max_steps", ""),
     (["callbacks.early_stopping.stopping_threshold=1.01"], "early_stopping", "val/cer < 1.01"),  # any CER is
-    (["callbacks.early_stopping.patience=1", "scheduler=null", "optimizer.lr=0"], "early_stopping",  # no learning
+    (["callbacks.early_stopping.patience=1", "scheduler=null", "optimizer.lr=1e-12"], "early_stopping",  # no learning
      "no val/cer improvement in 1 validations (best "),
 ])
 def test_stop_reason(overrides, reason, detail, tmp_path):
