@@ -181,6 +181,15 @@ def test_workers_give_the_images_of_the_main_process_in_every_epoch(digits):
     assert sum(not torch.equal(images[0][text], images[1][text]) for text in images[0]) >= 20  # new views
 
 
+def test_overfitting_turns_augmentation_off(digits):
+    """``trainer.overfit_batches`` memorises the same images every epoch."""
+    plain, augmented = folder_module(digits), folder_module(digits, augment=LineAugment())
+    for module in (plain, augmented):
+        module.overfit(1)
+    assert augmented.augment is None
+    assert_same_batches(batches(augmented.train_dataloader()), batches(plain.train_dataloader()))
+
+
 # ------------------------------------------------------------------------------------------------ config
 def folder_overrides(root) -> list[str]:
     return [f"data.{split}_dir={root / split}" for split in ("train", "val", "test")]
