@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import pytorch_lightning as pl
@@ -10,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.augment import AugmentedLines
 from data.batching import STAGE_SPLITS, EpochSampler, line_loader, process_shard, shard_indices
+
+log = logging.getLogger(__name__)
 
 
 class LineDataModule(pl.LightningDataModule):
@@ -83,10 +86,13 @@ class LineDataModule(pl.LightningDataModule):
     def overfit(self, num_batches: int) -> None:
         """Train on the same ``num_batches`` batches' worth of lines every epoch, the first ones of the split
         (``trainer.overfit_batches``: Lightning itself can only fix the batches of a loader built on a
-        ``RandomSampler``)."""
+        ``RandomSampler``), with no augmentation (memorising lines needs the same images every epoch)."""
         lines, size = num_batches * self.batch_size, self.sizes["train"]
         self.sizes["train"] = lines if size is None or self.endless_train else min(size, lines)
         self.fresh_train = False
+        if self.augment is not None:
+            log.info("overfitting %d batches: training images are not augmented", num_batches)
+            self.augment = None
         self.datasets.pop("train", None)
 
     def _loader(self, split: str) -> DataLoader:

@@ -18,6 +18,7 @@ TOOLS = {  # command -> module of scripts/
     "predict": "predict",
     "evaluate": "evaluate",
     "render-dataset": "render_dataset",
+    "show-augment": "show_augment",
     "make-lmdb": "make_lmdb",
     "train-char-lm": "train_char_lm",
     "export-onnx": "export_onnx",

@@ -1,5 +1,7 @@
-"""Show what line augmentation does: a montage of a few lines of a dataset, each row the line as the model reads it
-without augmentation, then the views that training epochs 1, 2, ... would give it.
+"""Show what line augmentation does: a montage of lines of a dataset, each followed by its augmented views.
+
+Each row is a line as the model reads it without augmentation, then the views that training epochs 1, 2, ...
+give it.
 
 Example::
 

@@ -1,6 +1,8 @@
 """Line augmentation (``augment=line``): hand-worked results of the hand-written transforms, shapes, determinism per
 (seed, epoch, index), training only, the same in DataLoader workers, the config group, and show_augment's montage."""
 
+import inspect
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -181,6 +183,15 @@ def test_workers_give_the_images_of_the_main_process_in_every_epoch(digits):
     assert sum(not torch.equal(images[0][text], images[1][text]) for text in images[0]) >= 20  # new views
 
 
+def test_overfitting_turns_augmentation_off(digits):
+    """``trainer.overfit_batches`` memorises the same images every epoch."""
+    plain, augmented = folder_module(digits), folder_module(digits, augment=LineAugment())
+    for module in (plain, augmented):
+        module.overfit(1)
+    assert augmented.augment is None
+    assert_same_batches(batches(augmented.train_dataloader()), batches(plain.train_dataloader()))
+
+
 # ------------------------------------------------------------------------------------------------ config
 def folder_overrides(root) -> list[str]:
     return [f"data.{split}_dir={root / split}" for split in ("train", "val", "test")]
@@ -189,6 +200,13 @@ def folder_overrides(root) -> list[str]:
 def test_augment_group_options():
     assert config_options("augment") == ["line", "none"]
     assert compose_train().augment is None and compose_train().data.augment is None
+
+
+def test_augment_line_lists_every_knob_at_its_default():
+    """conf/augment/line.yaml documents every argument of LineAugment, with the same values as the code."""
+    knobs = {key: value for key, value in compose_train("augment=line").augment.items() if key != "_target_"}
+    defaults = {name: p.default for name, p in inspect.signature(LineAugment).parameters.items()}
+    assert knobs == defaults
 
 
 def test_augment_none_is_bit_identical_to_no_augmentation(digits):
