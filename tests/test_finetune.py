@@ -50,8 +50,8 @@ def test_charset_transfer_by_hand():
     transfer = charset_transfer(Charset("0123", blank=0), Charset("ab01", blank=4))
     assert transfer.rows == {4: 0, 2: 1, 3: 2}
     assert (transfer.kept, transfer.new, transfer.dropped) == ("01", "ab", "23")
-    assert transfer.summary(examples=1) == ("classifier rows: kept 2 ('0', ...), new 2 ('a', ...), dropped 2 ('2', ...) "
-                                            "characters")
+    assert transfer.summary(examples=1) == ("classifier rows: kept 2 ('0', ...), new 2 ('a', ...), "
+                                            "dropped 2 ('2', ...) characters")
 
 
 @pytest.mark.parametrize("old_blank, new_blank", [(0, 0), (0, 17), (len(DIGITS), 3)])  # 17 new characters
@@ -253,6 +253,8 @@ def test_a_checkpoint_of_another_height_is_refused_by_name(digits_checkpoint, le
 
 @pytest.mark.slow
 def test_a_fine_tuned_digits_model_learns_the_letters(tmp_path):
+    """A crnn_small digits model (400 steps), fine-tuned for 250 steps on 400 lines of digits and 6 letters, reads
+    lines of those letters only. About 4 minutes on 2 CPU cores."""
     digits = train(compose_train("model=crnn_small", "trainer=cpu", "callbacks.progress_bar.refresh_rate=0",
                                  "trainer.max_time=null", "trainer.max_epochs=8", "data.batch_size=32",
                                  "data.train_size=1600", "data.val_size=128", "data.test_size=128",
@@ -267,4 +269,4 @@ def test_a_fine_tuned_digits_model_learns_the_letters(tmp_path):
     metrics = train(compose_train(*SMALL, *folder(tmp_path / "letters", charset=DIGITS + letters),
                                   f"init_from={digits['best_checkpoint']}", "trainer.max_epochs=10",
                                   "callbacks.early_stopping=null", output_dir=tmp_path / "finetune"))
-    assert metrics["test/cer"] < 0.2  # 0.09 after 8 epochs in one run; an untrained model reads no letter
+    assert metrics["test/cer"] < 0.2  # 0.09 on 2026-12-02; untrained: 1.0
