@@ -115,15 +115,24 @@ def ctc_loss(
     log_probs = log_probs.to(compute_dtype(log_probs.dtype))
     corrupt = corrupt_samples(log_probs, checked.input_lengths)
     if backward == "autograd":
-        state_log_probs = log_probs.gather(2, states[None].expand(log_probs.shape[0], -1, -1))
         log_likelihood = alpha_recursion_autograd(
-            state_log_probs.nan_to_num(0.0, 0.0, NEG_INF), can_skip, checked.input_lengths, checked.target_lengths
+            gather_states(log_probs, states), can_skip, checked.input_lengths, checked.target_lengths
         )
         losses = -log_likelihood
     else:
         losses = AlphaBetaCTC.apply(log_probs, states, can_skip, checked.input_lengths, checked.target_lengths)
     losses = torch.where(corrupt, torch.inf, losses)  # zero gradient into the stand-in log-probs
     return finish_loss(losses, checked.target_lengths, reduction, zero_infinity)
+
+
+def gather_states(log_probs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``(T, B, N)`` log-prob of each state's class per frame, NaN and ``+inf`` read as 0 (see
+    :func:`corrupt_samples`). Differentiable; the replacement runs on whichever of ``(T, B, C)`` and
+    ``(T, B, N)`` is smaller, so a large charset's log-probs are never copied."""
+    index = states[None].expand(log_probs.shape[0], -1, -1)
+    if log_probs.shape[2] <= states.shape[1]:
+        return log_probs.nan_to_num(0.0, 0.0, NEG_INF).gather(2, index)
+    return log_probs.gather(2, index).nan_to_num(0.0, 0.0, NEG_INF)
 
 
 def corrupt_samples(log_probs: torch.Tensor, input_lengths: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def ctc_path_entropy(log_probs, targets, input_lengths, target_lengths, blank: i
         state_log_probs = log_probs.gather(2, states.expand(log_probs.shape[0], -1, -1))
         log_likelihood = alpha_recursion_autograd(
             state_log_probs.nan_to_num(0.0, 0.0, NEG_INF), can_skip, checked.input_lengths, checked.target_lengths
-        )
+        )  # state_log_probs itself is needed below (γ is the gradient w.r.t. it)
         corrupt = corrupt_samples(log_probs, checked.input_lengths)
         nll = torch.where(corrupt, torch.inf, -log_likelihood)
         feasible = nll.isfinite()
