@@ -81,7 +81,8 @@ class Lexicon:
         column = {char: c for c, char in enumerate(class_chars) if char is not None}
         usable = [entry for entry in self.entries if all(char in column for char in entry)]
         if len(usable) < len(self.entries):
-            left_out = [entry for entry in self.entries if entry not in set(usable)]
+            kept = set(usable)
+            left_out = [entry for entry in self.entries if entry not in kept]
             warnings.warn(f"{len(left_out)} of {len(self.entries)} lexicon entries have characters outside the "
                           f"model's charset and are left out (first: {left_out[:3]})", stacklevel=2)
         # nodes: 0 start of line, 1 start of a later word (word mode), 2 sink, then the trie below them
