@@ -13,7 +13,6 @@ import torch
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import SumMetric
 
 from crnn.callbacks import PROVISIONAL_STEPS, TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
@@ -92,8 +91,6 @@ class CRNNModule(pl.LightningModule):
         self.decoder = decoder if decoder is not None else GreedyDecoder()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({stage: TextMetrics(protocol, nfkc) for stage in ("val", "test")})
-        self.line_counts = nn.ModuleDict({
-            stage: nn.ModuleDict({"lines": SumMetric(), "unemittable": SumMetric()}) for stage in ("val", "test")})
         self._samples: list[tuple[str, str]] = []
 
     @property
@@ -149,8 +146,9 @@ class CRNNModule(pl.LightningModule):
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
         log_probs, lengths = self(batch["images"], batch["widths"])
         emittable = self.emittable(lengths, batch)
-        self.line_counts[stage]["lines"].update(len(batch["texts"]))
-        self.line_counts[stage]["unemittable"].update((~emittable).sum())
+        for name, count in (("lines", float(len(emittable))), ("unemittable", (~emittable).sum().float())):
+            self.log(f"{stage}/{name}", count, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True,
+                     batch_size=1)  # summed over batches and processes
         scored = int(emittable.sum())  # the loss is over the lines the model can emit
         if scored == len(emittable):
             loss = self.compute_loss(log_probs, lengths, batch)
@@ -186,9 +184,6 @@ class CRNNModule(pl.LightningModule):
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
-        for name, count in self.line_counts[stage].items():  # summed over processes, like the metrics
-            self.log(f"{stage}/{name}", count.compute().float())
-            count.reset()
 
     def _log_samples(self) -> None:
         lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples[: self.hparams.num_logged_samples]]
