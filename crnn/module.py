@@ -13,7 +13,6 @@ import torch
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import SumMetric
 
 from crnn.callbacks import PROVISIONAL_STEPS, TimeBudgetSchedule
 from crnn.decoding import Decoder, GreedyDecoder
@@ -112,8 +111,6 @@ class CRNNModule(pl.LightningModule):
             self.decoder.bind(self.charset)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({stage: TextMetrics(protocol, nfkc) for stage in ("val", "test")})
-        self.line_counts = nn.ModuleDict({
-            stage: nn.ModuleDict({"lines": SumMetric(), "unemittable": SumMetric()}) for stage in ("val", "test")})
         self._samples: list[tuple[str, str]] = []
         self.last_step: StepOutputs | None = None
         # set by crnn.finetune.prepare_finetuning (freeze=, finetune.pretrained_lr_scale)
@@ -188,8 +185,9 @@ class CRNNModule(pl.LightningModule):
         log_probs, lengths = self(batch["images"], batch["widths"])
         batch_size = len(batch["texts"])
         emittable = self.emittable(lengths, batch)
-        self.line_counts[stage]["lines"].update(batch_size)
-        self.line_counts[stage]["unemittable"].update((~emittable).sum())
+        for name, count in (("lines", float(len(emittable))), ("unemittable", (~emittable).sum().float())):
+            self.log(f"{stage}/{name}", count, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True,
+                     batch_size=1)  # summed over batches and processes
         scored = int(emittable.sum())  # the loss is over the lines the model can emit
         if scored == len(emittable):
             loss = self.compute_loss(log_probs, lengths, batch)
@@ -230,9 +228,6 @@ class CRNNModule(pl.LightningModule):
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
-        for name, count in self.line_counts[stage].items():  # summed over processes, like the metrics
-            self.log(f"{stage}/{name}", count.compute().float())
-            count.reset()
 
     def _log_samples(self) -> None:
         lines = [f"{pred!r} (target {target!r})" for pred, target in self._samples[: self.hparams.num_logged_samples]]

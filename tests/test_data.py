@@ -303,8 +303,10 @@ def test_write_gt_folder_round_trips_through_read_gt(tmp_path):
 
 @pytest.mark.parametrize("val_gt", ["unknown", "blank"])
 def test_split_without_usable_samples_raises(tmp_path, val_gt):
-    """Every val sample skipped (unknown characters, skipped by default) or none at all: a clear error."""
-    for split, label in [("train", "12"), ("val", "ab"), ("test", "3")]:
+    """Every training sample skipped (unknown characters: skipped in training, by default) or no val line at all:
+    a clear error naming the split. (Val and test keep lines with unknown characters and score them.)"""
+    empty = "train" if val_gt == "unknown" else "val"
+    for split, label in [("train", "ab" if val_gt == "unknown" else "12"), ("val", "ab"), ("test", "3")]:
         write_gt_folder([(_image(), label)], tmp_path / split)
     if val_gt == "blank":
         (tmp_path / "val" / "gt.txt").write_text("\n\n", encoding="utf-8")
@@ -312,6 +314,6 @@ def test_split_without_usable_samples_raises(tmp_path, val_gt):
     dm.setup("test")  # test is fine
     with pytest.raises(BadInputError, match="no usable samples") as error:
         dm.setup("fit")
-    assert str(tmp_path / "val") in str(error.value)
+    assert str(tmp_path / empty) in str(error.value)
     if val_gt == "unknown":
         assert "unknown_char 1" in str(error.value)

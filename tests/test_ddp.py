@@ -69,14 +69,6 @@ def test_datamodule_shards_by_trainer_rank():
         assert sorted(texts[split, 0] + texts[split, 1]) == every
 
 
-class LineCounter(pl.Callback):
-    """Logs ``val/lines``: validation lines summed over batches and processes."""
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        pl_module.log("val/lines", float(len(batch["texts"])), on_step=False, on_epoch=True, reduce_fx="sum",
-                      sync_dist=True, batch_size=1)
-
-
 def _fixed_module() -> CRNNModule:
     """A small CRNN with fixed random weights whose greedy outputs vary from line to line (so any
     double-counted or dropped line would change the CER)."""
@@ -90,12 +82,13 @@ def _fixed_module() -> CRNNModule:
 
 def test_ddp_validation_equals_single_process(tmp_path):
     """trainer=ddp_cpu (2 processes; ddp_spawn since pytest can't be re-launched) on 101 validation lines
-    gives the CER of a single process on the same weights, over 101 lines (not 102: no padding)."""
+    gives the CER of a single process on the same weights, over 101 lines (not 102: no padding; ``val/lines`` is
+    the module's line count, summed over processes)."""
     module = _fixed_module()
     datamodule = SyntheticDataModule(val_size=101, batch_size=16, num_workers=0, seed=5)
 
     single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[LineCounter()])
+                        enable_progress_bar=False, enable_model_summary=False)
     expected = single.validate(module, datamodule=datamodule)[0]
     assert expected["val/lines"] == 101
     assert 0.05 < expected["val/cer"] and expected["val/acc"] < 1  # a CER sensitive to every line
@@ -103,7 +96,7 @@ def test_ddp_validation_equals_single_process(tmp_path):
     cfg = compose_train("trainer=ddp_cpu", "trainer.strategy=ddp_spawn", output_dir=tmp_path)
     assert cfg.trainer.devices == 2 and cfg.trainer.use_distributed_sampler is False
     ddp = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[LineCounter()])
+                      enable_model_summary=False)
     got = ddp.validate(module, datamodule=SyntheticDataModule(val_size=101, batch_size=16, num_workers=0, seed=5))[0]
     assert got["val/lines"] == 101
     for name in ("val/cer", "val/acc", "val/ned"):

@@ -148,7 +148,8 @@ def test_hyperparameters_rebuild_the_network(tmp_path):
     module = _module()
     rebuilt = CRNNModule(**module.hparams)
     rebuilt.load_state_dict(module.state_dict())
-    assert set(module.hparams) == {"charset", "model", "blank", "height", "scheduler_interval", "num_logged_samples"}
+    assert set(module.hparams) == {"charset", "model", "blank", "height", "scheduler_interval", "num_logged_samples",
+                                   "protocol", "nfkc"}
     images, widths = torch.rand(2, 1, 32, 50), torch.tensor([50, 30])
     assert module.eval().predict_texts(images, widths) == rebuilt.eval().predict_texts(images, widths)
 
