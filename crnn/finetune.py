@@ -55,7 +55,7 @@ class CharsetTransfer:
     rows: dict[int, int]
 
     def summary(self, examples: int = 8) -> str:
-        """One line: ``kept 10, new 26 ('a', 'b', ...), dropped 0 characters; blank 0 -> 36``."""
+        """One line: ``classifier rows: kept 10 ('0', ...), new 26 ('a', ...), dropped 0 characters``."""
 
         def some(chars: str) -> str:
             more = ", ..." if len(chars) > examples else ""
