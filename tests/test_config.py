@@ -30,7 +30,7 @@ def test_groups_have_the_expected_options():
                                     "smoothed_ctc", "maxent_ctc"}
     assert {"digits", "text"} <= set(options("data"))
     assert set(options("augment")) == {"none", "line"}
-    assert set(options("decoder")) == {"greedy", "beam"}
+    assert set(options("decoder")) == {"greedy", "beam", "beam_lm"}
     assert {"default", "cpu", "gpu"} <= set(options("trainer"))
     assert {"csv", "tensorboard"} <= set(options("logger"))
     assert {"fast_dev_run", "overfit"} <= set(options("debug"))
