@@ -243,6 +243,7 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._learning_rates: list[float] = []  # of the last two training steps
+        self._validated = False  # a validation ran in this fit (until then a missing monitor is no typo)
 
     @property
     def in_warmup(self) -> bool:
@@ -255,6 +256,16 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
         if lr is not None:
             self._learning_rates = [*self._learning_rates[-1:], lr]
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+        super().on_validation_end(trainer, pl_module)
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if not self._validated and self.monitor not in trainer.callback_metrics:
+            return  # training ended (max_steps, a schedule resized to a time budget) before its first validation
+        super()._run_early_stopping_check(trainer)
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         if not self.in_warmup:
