@@ -396,9 +396,10 @@ class NonFiniteGuard(Callback):
     NaN would otherwise train on silently. A bad step's gradients are dropped (set to ``None``: the optimizer
     changes no weight, weight decay and momentum included) and the module's buffers (BatchNorm running statistics,
     which the forward pass already updated from the bad batch) are restored, so the batch leaves no trace; a
-    warning is logged and ``train/nonfinite_batches`` (the count so far) goes up; ``max_in_a_row`` bad steps in a row raise :class:`crnn.errors.TrainingDiverged`
-    naming the step, the last finite loss and the likely causes, and any validation of non-finite weights does
-    too, so no such model is ever checkpointed. ``train/grad_norm`` (before clipping) is logged every step.
+    warning is logged and ``train/nonfinite_batches`` (the count so far) goes up; ``max_in_a_row`` bad steps in a row
+    raise :class:`crnn.errors.TrainingDiverged` naming the step, the last finite loss and the likely causes, and any
+    validation of non-finite weights does too, so no such model is ever checkpointed. ``train/grad_norm`` (before
+    clipping) is logged every step.
 
     Under ``16-mixed`` precision the gradient scaler owns inf/NaN gradients (it skips those steps and lowers its
     scale), so there only the loss and outputs are checked. Under data-parallel training a step is skipped on
@@ -429,7 +430,8 @@ class NonFiniteGuard(Callback):
         # NaN or +inf (-inf is a log-prob of 0, which a confident network may produce)
         outputs_finite = (step.log_probs < math.inf).all().to(device) if step is not None else torch.tensor(True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss_value, outputs_ok, norm = torch.stack([loss, outputs_finite.float().to(device), grad_norm.float()]).tolist()
+        values = torch.stack([loss, outputs_finite.float().to(device), grad_norm.float()])
+        loss_value, outputs_ok, norm = values.tolist()  # the one host sync
         problems = [what for what, bad in (("loss", not math.isfinite(loss_value)), ("outputs", not outputs_ok),
                                            ("gradients", scaler is None and not math.isfinite(norm))) if bad]
         if trainer.strategy.reduce_boolean_decision(bool(problems), all=False):

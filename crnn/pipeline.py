@@ -204,7 +204,8 @@ def evaluate_best(trainer: pl.Trainer, module: CRNNModule, datamodule: pl.Lightn
     metrics: dict[str, float | int | str] = {}
     try:
         for run in (trainer.validate, trainer.test):
-            metrics.update({k: float(v) for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+            results = run(module, datamodule=datamodule, ckpt_path=best or None)[0]
+            metrics.update({name: float(value) for name, value in results.items()})
     except SystemExit:  # Ctrl-C or SIGTERM while testing: the training is done, the result is not
         if not trainer.interrupted:
             raise
@@ -222,8 +223,14 @@ def unusable(metrics: dict[str, float | int | str], max_usable_cer: float | None
     best = metrics["best_checkpoint"]
     return (f"no usable model: the {'best checkpoint reads' if best else 'final weights read'} "
             f"val/cer={metrics['val/cer']:.4f} >= max_usable_cer={max_usable_cer}"
-            f"{' (nothing read right, e.g. only blanks)' if max_usable_cer >= 1 else ''} after {metrics['steps']} steps, stop={metrics['stop_reason']}; train longer "
+            f"{' (nothing read right, e.g. only blanks)' if max_usable_cer >= 1 else ''} after {metrics['steps']} "
+            f"steps, stop={metrics['stop_reason']}; train longer "
             f"(trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
+
+
+def in_multirun() -> bool:
+    """Whether this is one job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, float | int | str]) -> None:
