@@ -243,6 +243,7 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._learning_rates: list[float] = []  # of the last two training steps
+        self._validated = False  # a validation ran in this fit (until then a missing monitor is no typo)
 
     @property
     def in_warmup(self) -> bool:
@@ -255,6 +256,16 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
         if lr is not None:
             self._learning_rates = [*self._learning_rates[-1:], lr]
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+        super().on_validation_end(trainer, pl_module)
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if not self._validated and self.monitor not in trainer.callback_metrics:
+            return  # training ended (max_steps, a schedule resized to a time budget) before its first validation
+        super()._run_early_stopping_check(trainer)
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         if not self.in_warmup:
@@ -385,9 +396,10 @@ class NonFiniteGuard(Callback):
     NaN would otherwise train on silently. A bad step's gradients are dropped (set to ``None``: the optimizer
     changes no weight, weight decay and momentum included) and the module's buffers (BatchNorm running statistics,
     which the forward pass already updated from the bad batch) are restored, so the batch leaves no trace; a
-    warning is logged and ``train/nonfinite_batches`` (the count so far) goes up; ``max_in_a_row`` bad steps in a row raise :class:`crnn.errors.TrainingDiverged`
-    naming the step, the last finite loss and the likely causes, and any validation of non-finite weights does
-    too, so no such model is ever checkpointed. ``train/grad_norm`` (before clipping) is logged every step.
+    warning is logged and ``train/nonfinite_batches`` (the count so far) goes up; ``max_in_a_row`` bad steps in a row
+    raise :class:`crnn.errors.TrainingDiverged` naming the step, the last finite loss and the likely causes, and any
+    validation of non-finite weights does too, so no such model is ever checkpointed. ``train/grad_norm`` (before
+    clipping) is logged every step.
 
     Under ``16-mixed`` precision the gradient scaler owns inf/NaN gradients (it skips those steps and lowers its
     scale), so there only the loss and outputs are checked. Under data-parallel training a step is skipped on
@@ -418,7 +430,8 @@ class NonFiniteGuard(Callback):
         # NaN or +inf (-inf is a log-prob of 0, which a confident network may produce)
         outputs_finite = (step.log_probs < math.inf).all().to(device) if step is not None else torch.tensor(True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss_value, outputs_ok, norm = torch.stack([loss, outputs_finite.float().to(device), grad_norm.float()]).tolist()
+        values = torch.stack([loss, outputs_finite.float().to(device), grad_norm.float()])
+        loss_value, outputs_ok, norm = values.tolist()  # the one host sync
         problems = [what for what, bad in (("loss", not math.isfinite(loss_value)), ("outputs", not outputs_ok),
                                            ("gradients", scaler is None and not math.isfinite(norm))) if bad]
         if trainer.strategy.reduce_boolean_decision(bool(problems), all=False):

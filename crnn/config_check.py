@@ -62,9 +62,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"{', '.join(absent)}: no such director{'y' if len(absent) == 1 else 'ies'}")
     if not problems and "model" in cfg:
         problems += model_problems(cfg)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        problems.append(f"ckpt_path={ckpt_path}: no such file")
+    for key in ("ckpt_path", "init_from"):
+        path = cfg.get(key)
+        if path is not None and not Path(str(path)).is_file():
+            problems.append(f"{key}={path}: no such file")
     return problems
 
 

@@ -87,13 +87,13 @@ def transfer_rows(pretrained: torch.Tensor, fresh: torch.Tensor, rows: Mapping[i
 
 
 def _load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)`` (no pickled code runs)."""
+    """The checkpoint at ``path``, read by :func:`crnn.inference.read_checkpoint` (``weights_only=True``: no
+    pickled code runs)."""
+    from crnn.inference import read_checkpoint  # here: crnn.inference imports crnn.module, which imports this
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_from={path}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"init_from={path}: not a CRNNModule training checkpoint (no hyper_parameters/state_dict)")
-    return checkpoint
+    return read_checkpoint(path)  # one error naming a damaged or foreign file
 
 
 def _check_input_format(path: str | os.PathLike, hparams: Mapping, module: CRNNModule) -> None:

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
 from crnn.callbacks import InterruptCheckpoint, NonFiniteGuard, TimeBudgetSchedule
 from crnn.config_check import check_config
-from crnn.errors import RunFailed, TrainingDiverged
+from crnn.errors import ConfigError, RunFailed, TrainingDiverged
 from crnn.inference import check_resumable, read_checkpoint
 from crnn.finetune import prepare_finetuning
 from crnn.module import CRNNModule
@@ -154,13 +154,37 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
     if resume is not None:
         check_resumable(resume, module, ckpt_path)
         del resume
-    prepare_finetuning(module, cfg)  # init_from=, freeze=, finetune.*
+    try:
+        prepare_finetuning(module, cfg)  # init_from=, freeze=, finetune.*
+    except (ValueError, FileNotFoundError) as err:  # its messages name the key: one line, like the config checks
+        raise ConfigError(str(err)) from err
     callbacks, loggers = instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
         log.info("no logger: the learning-rate monitor is left out")
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    done = fit(trainer, module, datamodule, ckpt_path, output_dir)
+    if done["stop_reason"] == "max_time":
+        log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
+                    "schedule ended; set trainer.max_time=null (or longer) to train fully",
+                    cfg.trainer.get("max_time"), trainer.global_step, trainer.current_epoch, trainer.max_epochs)
+    metrics = evaluate_best(trainer, module, datamodule, output_dir, done)
+    failure = unusable(metrics, cfg.get("max_usable_cer", 1.0)) if not trainer.fast_dev_run else ""
+    if failure:
+        if not in_multirun():
+            fail(output_dir, metrics, RunFailed(failure))
+        log.warning("%s (recorded, not raised: in a sweep a useless run is a result too)", failure)
+        metrics["failure"] = failure
+    write_metrics(output_dir, metrics)
+    return metrics
+
+
+def fit(trainer: pl.Trainer, module: CRNNModule, datamodule: pl.LightningDataModule, ckpt_path: str | None,
+        output_dir: Path) -> dict[str, float | int | str]:
+    """``trainer.fit``; returns ``train_seconds``, ``epochs``, ``steps``, ``nonfinite_batches``, ``stop_reason``
+    and ``stop_detail``. A run that diverged or was interrupted writes them to ``final_metrics.json`` with its
+    ``failure`` and raises :class:`RunFailed` (:class:`TrainingDiverged` for the former)."""
     start = time.perf_counter()
 
     def fitted(reason: str) -> dict[str, float | int | str]:
@@ -177,38 +201,42 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
         if not trainer.interrupted:
             raise
         fail(output_dir, {**fitted("interrupted"), "best_checkpoint": ""}, RunFailed(interrupted_message(trainer)))
-    done = fitted(stop_reason(trainer))
-    if done["stop_reason"] == "max_time":
-        log.warning("training stopped by trainer.max_time=%s after %d steps (%d of at most %d epochs), before its "
-                    "schedule ended; set trainer.max_time=null (or longer) to train fully",
-                    cfg.trainer.get("max_time"), trainer.global_step, trainer.current_epoch, trainer.max_epochs)
+    return fitted(stop_reason(trainer))
 
+
+def evaluate_best(trainer: pl.Trainer, module: CRNNModule, datamodule: pl.LightningDataModule, output_dir: Path,
+              done: dict[str, float | int | str]) -> dict[str, float | int | str]:
+    """Validate and test the best checkpoint (the current weights if none was saved); returns their metrics with
+    ``done`` (:func:`fit`'s) and ``best_checkpoint``. Interrupted, it fails like :func:`fit`."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("no best checkpoint was saved; validating and testing the current weights")
     metrics: dict[str, float | int | str] = {}
     try:
         for run in (trainer.validate, trainer.test):
-            metrics.update({k: int(v) if k.endswith(COUNTS) else float(v)
-                            for k, v in run(module, datamodule=datamodule, ckpt_path=best or None)[0].items()})
+            results = run(module, datamodule=datamodule, ckpt_path=best or None)[0]
+            metrics.update({name: int(value) if name.endswith(COUNTS) else float(value)
+                            for name, value in results.items()})
     except SystemExit:  # Ctrl-C or SIGTERM while testing: the training is done, the result is not
         if not trainer.interrupted:
             raise
         fail(output_dir, {**done, "stop_reason": "interrupted", "best_checkpoint": best},
              RunFailed(interrupted_message(trainer)))
-    metrics.update(done, best_checkpoint=best, protocol=module.metrics["test"].protocol_name)
-    limit = cfg.get("max_usable_cer", 1.0)
-    if limit is not None and not trainer.fast_dev_run and not metrics["val/cer"] < limit:
-        failure = (f"no usable model: the {'best checkpoint' if best else 'final weights'} read"
-                   f"{'s' if best else ''} val/cer={metrics['val/cer']:.4f} >= max_usable_cer={limit} (nothing read "
-                   f"right, e.g. only blanks) after {trainer.global_step} steps, stop={done['stop_reason']}; train "
-                   f"longer (trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
-        if not in_multirun():
-            fail(output_dir, metrics, RunFailed(failure))
-        log.warning("%s (recorded, not raised: in a sweep a useless run is a result too)", failure)
-        metrics["failure"] = failure
-    write_metrics(output_dir, metrics)
-    return metrics
+    return {**metrics, **done, "best_checkpoint": best, "protocol": module.metrics["test"].protocol_name}
+
+
+def unusable(metrics: dict[str, float | int | str], max_usable_cer: float | None) -> str:
+    """Why the tested model is of no use (its ``val/cer`` is ``max_usable_cer`` or more, or NaN), or "" if it is
+    (or the rule is off, ``None``). 1.0 is the CER of reading nothing, which a network stuck at all-blank output
+    reads exactly."""
+    if max_usable_cer is None or metrics["val/cer"] < max_usable_cer:
+        return ""
+    best = metrics["best_checkpoint"]
+    return (f"no usable model: the {'best checkpoint reads' if best else 'final weights read'} "
+            f"val/cer={metrics['val/cer']:.4f} >= max_usable_cer={max_usable_cer}"
+            f"{' (nothing read right, e.g. only blanks)' if max_usable_cer >= 1 else ''} after {metrics['steps']} "
+            f"steps, stop={metrics['stop_reason']}; train longer "
+            f"(trainer.max_time=null, more epochs) or see val/blank_share and the CTC diagnostics")
 
 
 def in_multirun() -> bool:

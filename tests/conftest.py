@@ -39,6 +39,19 @@ def config_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def text_large_overrides(folder: Path) -> list[str]:
+    """What ``data=text_large`` needs on top of the defaults: a character file of 2000 CJK characters (written
+    to ``folder``) and a CJK font (Debian's ``fonts-wqy-microhei``, which ``.ci/run`` installs; skip without it)."""
+    import pytest
+
+    wqy = Path("/usr/share/fonts/truetype/wqy")
+    if not wqy.is_dir():
+        pytest.skip("data=text_large needs a CJK font: apt-get install fonts-wqy-microhei")
+    characters = Path(folder) / "cjk_characters.txt"
+    characters.write_text("\n".join(map(chr, range(0x4E00, 0x4E00 + 2000))), encoding="utf-8")
+    return [f"data.charset_file={characters}", f"data.fonts=[{wqy}]"]
+
+
 # ------------------------------------------------------------------------------------------------ scripts
 def load_script(name: str) -> ModuleType:
     """The tool ``scripts/<name>.py`` as the module ``scripts.<name>`` (to call its ``main(argv)`` in-process)."""

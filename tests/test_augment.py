@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from crnn.pipeline import train
@@ -16,7 +17,7 @@ from data.augment import (AugmentedLines, LineAugment, background, move_edges, s
                           warp_edges)
 from data.images import image_to_tensor
 
-from conftest import compose_train, config_options, load_script
+from conftest import compose_train, config_options, load_script, text_large_overrides
 
 ALL_ON = {name: 1.0 for name in ("ink_p", "edges_p", "affine_p", "perspective_p", "warp_p", "elastic_p", "color_p",
                                  "blur_p", "noise_p")}
@@ -234,6 +235,8 @@ def test_augment_line_composes_for_every_datamodule(option, digits, tmp_path):
             root = tmp_path
         cfg = compose_train(*overrides, *folder_overrides(root))
     else:  # synthetic: a few small batches
+        if OmegaConf.is_missing(cfg.data, "charset_file"):  # data=text_large: the user's characters and fonts
+            overrides += text_large_overrides(tmp_path)
         cfg = compose_train(*overrides, "data.train_size=8", "data.batch_size=4", "data.num_workers=0")
     module = instantiate(cfg.data)
     assert isinstance(module.augment, LineAugment) and module.augment.geometry.transforms[1].transforms[0].degrees == [-2.5, 2.5]

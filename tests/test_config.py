@@ -16,7 +16,7 @@ import crnn.callbacks
 from crnn.pipeline import build_module, instantiate_dict
 from data import write_lmdb
 
-from conftest import ROOT, compose_train, load_script
+from conftest import ROOT, compose_train, load_script, text_large_overrides
 from conftest import config_options as options
 
 GROUPS = ("model", "loss", "data", "augment", "decoder", "trainer", "callbacks", "logger", "debug", "experiment")
@@ -81,12 +81,7 @@ def data_overrides(option: str, tiny_datasets) -> list[str]:
     """The split directories a data option needs (gt.txt folders or LMDB), none for synthetic data."""
     cfg = compose_train(f"data={option}")
     if OmegaConf.is_missing(cfg.data, "charset_file"):  # data=text_large: your characters and fonts
-        wqy = Path("/usr/share/fonts/truetype/wqy")
-        if not wqy.is_dir():
-            pytest.skip(f"data={option} needs a CJK font: apt-get install fonts-wqy-microhei")
-        characters = tiny_datasets["folder"]["train"].parent / "cjk_characters.txt"
-        characters.write_text("\n".join(map(chr, range(0x4E00, 0x4E00 + 2000))), encoding="utf-8")
-        return [f"data.charset_file={characters}", f"data.fonts=[{wqy}]"]
+        return text_large_overrides(tiny_datasets["folder"]["train"].parent)
     if "train_dir" not in cfg.data.keys():
         return []
     kind = "lmdb" if cfg.data._target_ == "data.LmdbDataModule" else "folder"

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from crnn.errors import ConfigError
 from crnn.finetune import charset_transfer, load_pretrained, param_groups, per_group_max_lr, prepare_finetuning
 from crnn.module import CRNNModule
 from crnn.pipeline import train
@@ -247,7 +248,7 @@ def test_fine_tune_frozen_cnn_with_a_new_charset(digits_checkpoint, letters_fold
 def test_a_checkpoint_of_another_height_is_refused_by_name(digits_checkpoint, letters_folder, tmp_path):
     cfg = compose_train(*SMALL, *folder(letters_folder), f"init_from={digits_checkpoint}", "data.height=64",
                         "model.pools=[[2,2],[2,2],[2,2],[2,1],[4,1]]", output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"images 32 px high, this run's 64 px \(data\.height\)"):
+    with pytest.raises(ConfigError, match=r"images 32 px high, this run's 64 px \(data\.height\)"):
         train(cfg)
 
 
