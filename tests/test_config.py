@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ import crnn.callbacks
 from crnn.pipeline import build_module, instantiate_dict
 from data import write_lmdb
 
-from conftest import ROOT, compose_train, load_script, text_large_overrides
+from conftest import CONF, ROOT, compose_train, load_script, text_large_overrides
 from conftest import config_options as options
 
 GROUPS = ("model", "loss", "data", "augment", "decoder", "trainer", "callbacks", "logger", "debug", "experiment")
@@ -216,15 +217,16 @@ def test_every_callback_class_has_a_config():
 
 
 @pytest.mark.parametrize("option", options("data"))
-def test_only_the_digits_quick_start_stops_at_a_threshold_and_has_a_time_guard(option):
-    """conf/data_schedule/digits.yaml: its quick start's 0.3 % threshold and 2-minute budget; every other data set
+def test_only_the_digits_quick_start_stops_at_a_threshold_and_no_run_has_a_time_guard(option):
+    """conf/data_schedule/digits.yaml: its quick start's 0.3 % threshold and 10 % usable-model bar; every data set
     trains to its schedule's end (or to patience after the warm-up), unbounded in time."""
-    cfg = compose_train(f"data={option}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # without compose_train's overrides
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", f"data={option}"])
     early_stopping, max_time = cfg.callbacks.early_stopping, cfg.trainer.max_time
-    assert early_stopping._target_ == "crnn.callbacks.EarlyStoppingAfterWarmup"
+    assert early_stopping._target_ == "crnn.callbacks.EarlyStoppingAfterWarmup" and max_time is None
     if option == "digits":
-        assert (early_stopping.stopping_threshold, max_time) == (0.003, "00:00:02:00")
+        assert (early_stopping.stopping_threshold, cfg.max_usable_cer) == (0.003, 0.1)
     else:
-        assert (early_stopping.stopping_threshold, max_time) == (None, None)
+        assert (early_stopping.stopping_threshold, cfg.max_usable_cer) == (None, 1.0)
     overridden = compose_train(f"data={option}", "callbacks.early_stopping.stopping_threshold=0.01")
     assert overridden.callbacks.early_stopping.stopping_threshold == 0.01  # the command line still wins
