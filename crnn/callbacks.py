@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
-
-import sys
 
 import numpy as np
 import pytorch_lightning as pl
