@@ -168,8 +168,23 @@ def test_a_signal_saves_a_resumable_last_checkpoint_and_exits_non_zero(tmp_path,
     assert result["stop_reason"] == "interrupted" and result["steps"] >= 5 and "val/cer" not in result
     saved_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert saved_step == result["steps"]
-    resumed = train(compose_train(*TINY, "trainer.max_epochs=4", f"ckpt_path={last}", output_dir=run_dir))
-    assert resumed["steps"] == 8 and resumed["stop_reason"] == "max_epochs"
+    # resumed with the same overrides and schedule (OneCycle over the 400 steps of 200 epochs), for 3 more steps
+    # (over an epoch's end: 2 steps per epoch)
+    FitStart.steps.clear()
+    resumed = train(compose_train(*overrides, "+scheduler.total_steps=400", f"+trainer.max_steps={saved_step + 3}",
+                                  f"ckpt_path={last}",
+                                  "+callbacks.fit_start._target_=test_guard.FitStart", output_dir=run_dir))
+    assert FitStart.steps == [saved_step]  # it went on from the interruption, not from the start
+    assert resumed["stop_reason"] == "max_steps" and resumed["steps"] == saved_step + 3
+
+
+class FitStart(Callback):
+    """Records the global step each fit starts at (a resumed one: its checkpoint's)."""
+
+    steps: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        FitStart.steps.append(trainer.global_step)
 
 
 # ------------------------------------------------------------------------------------------------ config errors
