@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses.state_layout import PAD, alpha_emissions, emission_sources, start_and_skip
+from losses.state_layout import PAD, alpha_emissions, emission_sources, pad_states, start_and_skip
 from losses.targets import final_log_likelihood
 
 
@@ -40,14 +40,18 @@ def _scaled_emissions(log_probs, states):
     """``(sources, index, shift)``: :func:`losses.state_layout.emission_sources`'s layout (both recursions), in
     probability space, each frame scaled by ``exp(-shift)``; ``shift`` ``(T, B)`` is the frame's largest
     log-prob over the sample's classes (blank included), at least the dtype's lowest finite value."""
-    sources, index = emission_sources(log_probs, states, with_beta=True)
-    if index is None:  # sources are the states' log-probs (a large charset)
-        shift = sources[:, 0].amax(2)
-    else:  # sources are all classes (and the padding class C): only the sample's own count
-        own = torch.full(sources.shape[2:], float("-inf"), dtype=sources.dtype, device=sources.device)
-        shift = (sources[:, 0] + own.scatter_(1, states, 0.0)).amax(2)
-    shift = shift.clamp_min_(torch.finfo(shift.dtype).min)
-    return sources.sub_(torch.stack([shift, shift.flip(0)], 1)[..., None]).exp_(), index, shift
+    lowest = torch.finfo(log_probs.dtype).min
+    if log_probs.shape[2] + 1 > states.shape[1] + PAD:  # a large charset: gather the states' log-probs once
+        sources, index = emission_sources(log_probs, states, with_beta=True)
+        shift = sources[:, 0].amax(2).clamp_min_(lowest)
+        return sources.sub_(torch.stack([shift, shift.flip(0)], 1)[..., None]).exp_(), index, shift
+    # few classes: scale alpha's (T, B, C+1) once, then stack it with its time-reversed copy for beta
+    alpha = F.pad(log_probs, (0, 1), value=float("-inf")).nan_to_num_(0.0, 0.0, float("-inf"))  # class C: padding
+    own = torch.full(alpha.shape[1:], float("-inf"), dtype=alpha.dtype, device=alpha.device)
+    shift = (alpha + own.scatter_(1, states, 0.0)).amax(2).clamp_min_(lowest)  # only the sample's own classes
+    alpha.sub_(shift[..., None]).exp_()
+    index = torch.stack([pad_states(states, log_probs.shape[2]), pad_states(states.flip(1), log_probs.shape[2])])
+    return torch.stack([alpha, alpha.flip(0)], 1), index, shift
 
 
 @torch.no_grad()
