@@ -16,6 +16,7 @@ Linux), as a ratio to the built-in's. ``--profile`` prints where alpha-beta's ti
 
     python scripts/bench_ctc.py                 # CPU, and CUDA when present
     python scripts/bench_ctc.py --device cpu --repeats 9
+    python scripts/bench_ctc.py --device cpu --logit-scale 10   # sharp logits: some samples fall back to log space
     python scripts/bench_ctc.py --device cpu --losses all --classes 8000 --frames 100 --batch 32 --target-length 30
 """
 
@@ -42,6 +43,8 @@ from losses import (
     ctc_alignment_targets,
     ctc_loss,
 )
+from losses.scaled_alpha_beta import scaled_state_posteriors
+from losses.targets import extended_targets
 
 LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-3
 IMPLEMENTATIONS = {
@@ -63,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_inputs(args, device):
     generator = torch.Generator().manual_seed(args.seed)
-    logits = torch.randn(args.frames, args.batch, args.classes, generator=generator).to(device)
+    logits = torch.randn(args.frames, args.batch, args.classes, generator=generator).mul_(args.logit_scale).to(device)
     targets = torch.randint(1, args.classes, (args.batch, args.target_length), generator=generator).to(device)
     input_lengths = torch.full((args.batch,), args.frames, dtype=torch.long, device=device)
     target_lengths = torch.full((args.batch,), args.target_length, dtype=torch.long, device=device)
@@ -145,11 +148,21 @@ def run_primer(device, args):
             f"{(fwd + bwd) / builtin_total:6.2f}x  {loss_ok!s:<5} {grad_error <= GRAD_ATOL!s:<5} {ce_ok!s:<7} "
             f"{grad_error:12.2e}"
         )
+    print(f"alpha-beta: {recomputed_in_log_space(logits, rest)} of {logits.shape[1]} samples recomputed in log space "
+          "(scaled recursion's underflow bound above eps)")
+
+
+def recomputed_in_log_space(logits, rest) -> int:
+    """How many samples :func:`losses.alpha_beta.ctc_state_posteriors` does not trust to the scaled recursion."""
+    targets, input_lengths, target_lengths = rest
+    states, can_skip = extended_targets(targets, 0)
+    _, _, trusted = scaled_state_posteriors(logits.log_softmax(-1), states, can_skip, input_lengths, target_lengths)
+    return int((~trusted).sum())
 
 
 def shape_options(args) -> list[str]:
     threads = [f"--threads={args.threads}"] if args.threads else []
-    return threads + [f"--frames={args.frames}", f"--batch={args.batch}", f"--classes={args.classes}",
+    return threads + [f"--logit-scale={args.logit_scale}", f"--frames={args.frames}", f"--batch={args.batch}", f"--classes={args.classes}",
             f"--target-length={args.target_length}", f"--seed={args.seed}"]
 
 
@@ -230,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-length", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="logits are N(0, 1) times this; sharp logits and random labels make the scaled "
+                             "alpha-beta fall back to log space for more samples")
     parser.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also profile alpha-beta mode by op")
     parser.add_argument("--memory-of", choices=list(LOSS_MODULES), help=argparse.SUPPRESS)  # the subprocess side
