@@ -576,7 +576,8 @@ class CTCDiagnostics(Callback):
 class SkippedSamples(Callback):
     """Logs each sample the loader skipped while reading (``batch["skipped"]`` of
     :func:`data.batching.collate_lines`: an image that passed the setup check but failed to decode, under
-    ``data.bad_input.unreadable_image=skip``) and logs their count as ``train/skipped_samples``."""
+    ``data.bad_input.unreadable_image=skip``) and logs their count as ``train/skipped_samples`` (val and test
+    count theirs as ``val/skipped`` and ``test/skipped``, :meth:`crnn.module.CRNNModule._evaluate`)."""
 
     def __init__(self) -> None:
         self.counts = {"train": 0, "val": 0, "test": 0}

@@ -180,6 +180,9 @@ class CRNNModule(pl.LightningModule):
         return in_charset & (lengths >= needed)
 
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str) -> list[str]:
+        # images that failed to decode mid-epoch (unreadable_image=skip): not scored, so counted
+        self.log(f"{stage}/skipped", float(len(batch.get("skipped", ()))), on_step=False, on_epoch=True,
+                 reduce_fx="sum", sync_dist=True, batch_size=1)
         if not batch["texts"]:  # every sample skipped
             return []
         log_probs, lengths = self(batch["images"], batch["widths"])

@@ -27,7 +27,7 @@ from crnn.module import CRNNModule
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("/lines", "/unemittable")
+COUNTS = ("/lines", "/unemittable", "/skipped")
 """Suffixes of the logged metrics that are line counts (ints in ``final_metrics.json``)."""
 
 
@@ -125,7 +125,8 @@ def train(cfg: DictConfig) -> dict[str, float | int | str]:
 
     Returns the metrics also written to ``<paths.output_dir>/final_metrics.json``: ``val/cer``,
     ``val/acc``, ``test/cer``, ``test/acc`` (float, under ``protocol``), ``val/lines``, ``test/lines`` (every line
-    scored), ``val/unemittable``, ``test/unemittable`` (those the model cannot emit), ``protocol`` (of the
+    scored), ``val/unemittable``, ``test/unemittable`` (those the model cannot emit), ``val/skipped``,
+    ``test/skipped`` (images that failed to decode mid-run under ``unreadable_image=skip``: not scored), ``protocol`` (of the
     metrics, :attr:`crnn.metrics.TextMetrics.protocol_name`), ``train_seconds`` (fit wall time), ``epochs``,
     ``steps``, ``nonfinite_batches`` (int), ``stop_reason`` (:func:`stop_reason`) and ``best_checkpoint`` (path,
     "" if none), plus any other ``val/*``/``test/*`` logged. A run cut short by ``trainer.max_time`` logs a
@@ -276,6 +277,7 @@ def summary_line(metrics: dict[str, float | int | str]) -> str:
         f"val/cer={metrics['val/cer']:.4f} val/acc={metrics['val/acc']:.4f} "
         f"test/cer={metrics['test/cer']:.4f} test/acc={metrics['test/acc']:.4f} "
         f"test/lines={metrics['test/lines']} test/unemittable={metrics['test/unemittable']} "
+        f"{'test/skipped=' + str(metrics['test/skipped']) + ' ' if metrics.get('test/skipped') else ''}"
         f"protocol={metrics['protocol']} "
         f"epochs={metrics['epochs']} steps={metrics['steps']} train_seconds={metrics['train_seconds']:.1f} "
         f"stop={metrics['stop_reason']}{' (' + metrics['stop_detail'] + ')' if metrics.get('stop_detail') else ''} "

@@ -23,7 +23,7 @@ from crnn.config_check import config_problems
 from crnn.errors import CheckpointError, ConfigError, RunFailed, TrainingDiverged
 from crnn.inference import load_recognizer, read_checkpoint
 from crnn.module import blank_share
-from crnn.pipeline import train
+from crnn.pipeline import summary_line, train
 from data import BadInput, BadInputError, Charset, FolderDataModule, collate_lines, open_split
 from data.labelled import read_labels
 
@@ -326,6 +326,9 @@ def test_training_skips_an_image_failing_to_decode_mid_epoch_counted(tmp_path, c
     train_skips = [s for s in skips if s.startswith("train")]  # one per epoch; val and test skip it too
     assert len(train_skips) == 2 and {s.split()[0] for s in skips} == {"train", "val", "test"}
     assert train_skips[0].startswith(f"train sample skipped (1 so far in train): {folder / 'gt.txt'}:4: cannot read")
+    # the metrics say what they left out: 6 of the 7 lines scored, 1 skipped
+    assert (metrics["test/lines"], metrics["test/skipped"], metrics["val/lines"], metrics["val/skipped"]) == (6, 1, 6, 1)
+    assert "test/skipped=1 " in summary_line(metrics)
 
 
 def test_too_wide_images_are_skipped_by_default_and_max_width_sets_the_limit(tmp_path):
