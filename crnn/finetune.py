@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
+from crnn.checkpoints import read_checkpoint
 from data.charset import Charset
 
 if TYPE_CHECKING:
@@ -87,10 +88,8 @@ def transfer_rows(pretrained: torch.Tensor, fresh: torch.Tensor, rows: Mapping[i
 
 
 def _load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at ``path``, read by :func:`crnn.inference.read_checkpoint` (``weights_only=True``: no
+    """The checkpoint at ``path``, read by :func:`crnn.checkpoints.read_checkpoint` (``weights_only=True``: no
     pickled code runs)."""
-    from crnn.inference import read_checkpoint  # here: crnn.inference imports crnn.module, which imports this
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_from={path}: no such file")
     return read_checkpoint(path)  # one error naming a damaged or foreign file

@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from crnn.callbacks import InterruptCheckpoint, NonFiniteGuard, TimeBudgetSchedule
 from crnn.config_check import check_config
 from crnn.errors import ConfigError, RunFailed, TrainingDiverged
-from crnn.inference import check_resumable, read_checkpoint
+from crnn.checkpoints import check_resumable, read_checkpoint
 from crnn.finetune import prepare_finetuning
 from crnn.module import CRNNModule
 

@@ -20,8 +20,9 @@ from pytorch_lightning.callbacks import Callback
 
 from crnn.callbacks import CTCDiagnostics
 from crnn.config_check import config_problems
-from crnn.errors import CheckpointError, ConfigError, RunFailed, TrainingDiverged
-from crnn.inference import load_recognizer, read_checkpoint
+from crnn.errors import CheckpointError, RunFailed, TrainingDiverged
+from crnn.checkpoints import read_checkpoint
+from crnn.inference import load_recognizer
 from crnn.module import blank_share
 from crnn.pipeline import summary_line, train
 from data import BadInput, BadInputError, Charset, FolderDataModule, collate_lines, open_split
