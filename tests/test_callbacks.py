@@ -11,6 +11,7 @@ import torch
 
 from crnn import callbacks, pipeline
 from crnn.pipeline import instantiate_dict
+from crnn.schedules import OneCycleLR
 
 from conftest import compose_train
 
@@ -285,3 +286,23 @@ def test_time_budget_warns_when_it_cannot_resize_the_schedule(tmp_path, clock, c
     metrics, _, _ = budget_run(tmp_path, clock, "trainer.max_epochs=8", "module.scheduler_interval=epoch")
     assert "about 54 steps fit, the run is set for 80" in caplog.text
     assert metrics["stop_reason"] in ("max_epochs", "max_time")  # the fake clock does not move Lightning's Timer
+
+
+@pytest.mark.parametrize("total_steps, pct_start", [(10, 0.1), (20, 0.05), (2, 0.5)])
+def test_one_cycle_schedule_with_a_one_step_warm_up(total_steps, pct_start):
+    """torch's OneCycleLR divides by zero when pct_start * total_steps == 1 (a 10-step run with the default 0.1);
+    ours gives the rates torch gives for a pct_start just above that."""
+    def rates(scheduler_class, pct):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = scheduler_class(optimizer, max_lr=0.1, total_steps=total_steps, pct_start=pct)
+        seen = [scheduler.get_last_lr()[0]]
+        for _ in range(total_steps - 1):
+            optimizer.step()
+            scheduler.step()
+            seen.append(scheduler.get_last_lr()[0])
+        return seen
+
+    with pytest.raises(ZeroDivisionError):
+        rates(torch.optim.lr_scheduler.OneCycleLR, pct_start)
+    nearby = rates(torch.optim.lr_scheduler.OneCycleLR, pct_start + 1e-4 / total_steps)
+    assert rates(OneCycleLR, pct_start) == pytest.approx(nearby, rel=1e-3)
