@@ -202,7 +202,8 @@ def read_labels(path: str | os.PathLike, bad: BadInput, lines: type[LabelledLine
         if (not allow_outside_paths and isinstance(record.key, str)  # a file path (an LMDB key is an index)
                 and os.path.commonpath([root, os.path.abspath(record.key)]) != root):
             bad.report("malformed", record.where, f"image path {record.key!r} leaves the dataset folder {path} "
-                       f"(absolute or '..'; set data.allow_outside_paths=true to allow it)")
+                       f"(absolute or '..'; allow it with data.allow_outside_paths=true, or --allow-outside-paths "
+                       f"in scripts/evaluate.py)")
         elif record.label:
             records.append(record)
         else:
@@ -212,14 +213,16 @@ def read_labels(path: str | os.PathLike, bad: BadInput, lines: type[LabelledLine
 
 def open_split(path: str | os.PathLike, charset: Charset, height: int = 32, channels: int = 1,
                bad: BadInput | None = None, output_length: Callable[[int], int] | None = None,
-               require_emittable: bool = True) -> LabelledLines:
+               require_emittable: bool = True, allow_outside_paths: bool = False) -> LabelledLines:
     """The screened labelled lines of the split at ``path`` (a ``gt.txt`` folder or an LMDB directory): read
-    (:func:`read_labels`) and checked (:meth:`LabelledLines.screen`) as in training; problems go to ``bad``
-    (``None``: the default policy). ``require_emittable=False`` keeps lines the model cannot emit (for
-    evaluation). An LMDB dataset's environment is closed after screening and reopened on the next read."""
+    (:func:`read_labels`, ``allow_outside_paths`` as there) and checked (:meth:`LabelledLines.screen`) as in
+    training; problems go to ``bad`` (``None``: the default policy). ``require_emittable=False`` keeps lines the
+    model cannot emit (for evaluation). An LMDB dataset's environment is closed after screening and reopened on the
+    next read."""
     bad = bad if bad is not None else BadInput()
     lines = split_format(path)
-    dataset = lines.from_records(path, read_labels(path, bad, lines), charset, height, channels)
+    records = read_labels(path, bad, lines, allow_outside_paths)
+    dataset = lines.from_records(path, records, charset, height, channels)
     return dataset.screen(bad, output_length, require_emittable)
 
 

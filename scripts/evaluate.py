@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_recognition_arguments(parser, batch_size=64)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip (and count) malformed lines, empty labels, missing and unreadable images")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="accept gt.txt image paths that leave the dataset folder (absolute or '..'), like "
+                             "training's data.allow_outside_paths")
     parser.add_argument("--errors", type=Path, help="write every misread line here (TSV)")
     parser.add_argument("--json", type=Path, help="write the metrics here")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="raw",
@@ -134,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | int]]:
     for path in args.datasets:
         bad = BadInput(policy, skip_hint="pass --skip-bad to skip such samples")
         channels, height = module.input_format
-        dataset = open_split(path, module.charset, height, channels, bad,
-                             require_emittable=False)  # the training checks, minus what the model can emit
+        dataset = open_split(path, module.charset, height, channels, bad, require_emittable=False,  # the training
+                             allow_outside_paths=args.allow_outside_paths)  # checks, minus what the model can emit
         try:
             results[path] = evaluate(module, dataset, bad, args, total, errors)
         finally:

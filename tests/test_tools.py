@@ -233,6 +233,21 @@ def test_evaluate_stops_on_a_missing_image_or_skips_it_counted(checkpoint, label
     assert "skipped 1: missing_image 1" in capsys.readouterr().out
 
 
+def test_evaluate_reads_paths_outside_the_folder_only_when_allowed(checkpoint, labelled_dir, tmp_path):
+    """A gt.txt listing images elsewhere (absolute paths, as some tools write them) is malformed by default, with
+    a message naming the flag, and read with --allow-outside-paths."""
+    listing = tmp_path / "listing"
+    listing.mkdir()
+    lines = [line.split("\t") for line in (labelled_dir / "gt.txt").read_text().splitlines()[:4]]
+    (listing / "gt.txt").write_text("".join(f"{labelled_dir / path}\t{label}\n" for path, label in lines))
+    evaluate = load_script("evaluate")
+    with pytest.raises(BadInputError, match=r"gt\.txt:1: image path .* leaves the dataset folder .*--allow-outside"):
+        evaluate.main(["--checkpoint", str(checkpoint), str(listing), "--device", "cpu"])
+    inside = evaluate.main(["--checkpoint", str(checkpoint), str(labelled_dir), "--device", "cpu"])
+    outside = evaluate.main(["--checkpoint", str(checkpoint), str(listing), "--device", "cpu", "--allow-outside-paths"])
+    assert outside[str(listing)]["lines"] == 4 and inside[str(labelled_dir)]["lines"] == 13
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_predict_on_gpu_matches_cpu(checkpoint, image_dir):
     predict = load_script("predict")
