@@ -218,7 +218,7 @@ class _Beams(NamedTuple):
 
 
 def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0,
-                fusion: Fusion | None = None) -> Decoded:
+                fusion: Fusion | None = None, token_min_logp: float | None = None) -> Decoded:
     """CTC prefix beam search (Hannun et al., 2014), optionally fused with an LM, a lexicon and allowed classes.
 
     Each prefix carries the probability of all paths collapsing to it, split by whether the path
@@ -242,6 +242,11 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         beam_width: number of prefixes kept per line after every frame.
         blank: index of the CTC blank class, anywhere in ``[0, C)``.
         fusion: priors over the text (:class:`Fusion`, built for this ``C`` and ``blank``), or None.
+        token_min_logp: None searches every class of every frame. A number prunes (see :func:`_prune_frames`):
+            a non-blank class below it on a frame, unless it is the frame's most likely class, gets probability
+            0 there, frames left with the blank only are skipped, and each frame's extensions are only by the
+            classes that remain. The result is the exact search's on those pruned log-probs (apart from the order
+            among tied candidates), so scores sum over the paths through the kept classes only.
 
     Returns:
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
@@ -260,9 +265,13 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
     log_probs = _blank_after_end(log_probs, input_lengths.to(log_probs.device), blank)
     beams = _initial_beams(batch, beam_width, log_probs, fusion)
     history = []
-    for t in range(num_frames):
-        beams, parent, label = _step(beams, log_probs[t], blank, fusion)
-        history.append((parent, label))
+    if token_min_logp is None:
+        for t in range(num_frames):
+            beams, parent, label = _step(beams, log_probs[t], blank, fusion)
+            history.append((parent, label))
+    else:
+        frames = _prune_frames(log_probs, blank, token_min_logp)
+        beams = _search_pruned(beams, frames, blank, fusion, history)
     totals = torch.logaddexp(beams.p_blank, beams.p_label)
     ranking = totals if fusion is None else totals + _final_prior(beams, fusion)
     best = ranking.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
@@ -273,6 +282,10 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         found = ranking.gather(1, best[:, None]) > float("-inf")
         keep &= found
         scores = torch.where(found[:, 0], scores, float("-inf"))
+    if token_min_logp is not None:  # back to the input's line order
+        unsort = torch.empty_like(frames.lines).scatter_(0, frames.lines, torch.arange(batch, device=path.device))
+        path, keep = path[unsort], keep[unsort]
+        scores = scores[unsort] + frames.skipped_log_prob
     return Decoded(_compact(path, keep), scores)
 
 
@@ -287,6 +300,108 @@ def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Te
     certain_blank = torch.full((num_classes,), float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
     certain_blank[blank] = 0.0
     return torch.where(after_end[..., None], certain_blank, log_probs)
+
+
+class _PrunedFrames(NamedTuple):
+    """The frames a pruned search visits (:func:`_prune_frames`): ``T'`` steps, lines reordered.
+
+    ``lines``: ``(B,)`` int64 the input line in each row, the lines with more kept frames first.
+    ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then certain
+    blanks (log-prob 0). ``classes``: ``(T', B, k)`` int64, per frame first its candidate classes (the blank and
+    the classes left) in ascending order, then others, of log-prob ``-inf`` there. ``num_candidates`` and
+    ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the rows with a kept frame
+    left (the first ones). ``after_blank``: ``(T', B, 1)`` bool, a skipped certain blank precedes the frame.
+    ``skipped_log_prob``: ``(B,)`` in input order, the skipped frames' blank log-probs summed.
+    """
+
+    lines: Tensor
+    log_probs: Tensor
+    classes: Tensor
+    num_candidates: list[int]
+    num_lines: list[int]
+    after_blank: Tensor
+    skipped_log_prob: Tensor
+
+
+def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _PrunedFrames:
+    """Prune classes below ``token_min_logp``, skip the frames that leave only the blank, and compact the rest.
+
+    A non-blank class below ``token_min_logp`` on a frame, unless it is that frame's most likely class, is set
+    to ``-inf`` (the blank is never pruned). A frame whose non-blank classes are then all ``-inf`` is a certain
+    blank up to its probability: every prefix stays, with all its mass in the ends-in-blank part, scaled by the
+    frame's blank probability. A second one right after it only scales again, by the same factor for every
+    prefix of the line, which changes no ranking. So such frames are skipped, each run of them leaving a flag on
+    the next kept frame (:func:`_after_certain_blank` applies it) and its log-probs in ``skipped_log_prob``. The
+    search on the kept frames is the search on the pruned log-probs of all frames. Frames after a line's end
+    (certain blanks with log-prob 0, :func:`_blank_after_end`) are skipped alike, and so are the certain blanks
+    after a line's last kept frame: they change no total.
+
+    The rows are sorted by their number of kept frames, so that the lines still running at a step are the first
+    ``num_lines[t]``, and each row's kept frames gathered to the front, all at once (no loop over lines). The one
+    host sync reads the step, candidate and line counts.
+
+    Args:
+        log_probs: ``(T, B, C)`` float log-probabilities, frames after each line's end certain blanks.
+        blank: index of the blank class.
+        token_min_logp: log-probability below which a class is pruned.
+    """
+    num_frames, batch, num_classes = log_probs.shape
+    is_blank = torch.arange(num_classes, device=log_probs.device) == blank
+    kept = (log_probs >= token_min_logp) | is_blank
+    kept.scatter_(2, log_probs.argmax(2, keepdim=True), True)
+    log_probs = log_probs.masked_fill(~kept, float("-inf"))
+    certain_blank = ~((log_probs > float("-inf")) & ~is_blank).any(2)  # (T, B)
+    skipped_log_prob = torch.where(certain_blank, log_probs[..., blank], 0.0).sum(0)
+    after_blank = F.pad(certain_blank[:-1], (0, 0, 1, 0), value=False)
+
+    num_kept = (~certain_blank).sum(0)  # (B,)
+    num_kept, lines = num_kept.sort(descending=True, stable=True)
+    certain_blank = certain_blank[:, lines]
+    frames = torch.sort(certain_blank.T.to(torch.uint8), dim=1, stable=True).indices.T  # (T, B): kept ones first
+    padding = torch.arange(num_frames, device=log_probs.device)[:, None] >= num_kept  # (T, B)
+    log_probs = log_probs[:, lines].gather(0, frames[..., None].expand(-1, -1, num_classes))
+    log_probs = torch.where(padding[..., None], torch.where(is_blank, 0.0, float("-inf")), log_probs)
+    after_blank = after_blank[:, lines].gather(0, frames) & ~padding
+    candidate = (log_probs > float("-inf")) | is_blank  # (T, B, C)
+
+    counts = torch.cat([num_kept[:1], candidate.sum(2).amax(1), (~padding).sum(1)])
+    counts = counts.tolist() if batch else [0]
+    num_steps = counts[0]
+    num_candidates, num_lines = counts[1 : 1 + num_steps], counts[1 + num_frames : 1 + num_frames + num_steps]
+    # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
+    rank = torch.arange(num_classes, 0, -1, device=log_probs.device)
+    rank = torch.where(candidate[:num_steps], rank, -rank)
+    classes = rank.topk(max(num_candidates, default=1), dim=2).indices
+    return _PrunedFrames(lines, log_probs[:num_steps], classes, num_candidates, num_lines,
+                         after_blank[:num_steps, :, None], skipped_log_prob)
+
+
+def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fusion | None,
+                   history: list[tuple[Tensor, Tensor]]) -> _Beams:
+    """Run the search over ``frames`` (:func:`_prune_frames`), the beams' rows in ``frames.lines`` order.
+
+    At step ``t`` only the first ``num_lines[t]`` rows have a frame left; the others are set aside, final.
+    Appends each step's ``(parent, label)`` ``(num_lines[t], K)`` to ``history``; returns all rows' beams.
+    """
+    done = []
+    for t, (num_candidates, rows) in enumerate(zip(frames.num_candidates, frames.num_lines)):
+        if rows < beams.last.shape[0]:
+            done.append(_Beams(*(None if field is None else field[rows:] for field in beams)))
+            beams = _Beams(*(None if field is None else field[:rows] for field in beams))
+        beams = _after_certain_blank(beams, frames.after_blank[t, :rows])
+        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion,
+                                     frames.classes[t, :rows, :num_candidates])
+        history.append((parent, label))
+    done.append(beams)
+    return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1]) for parts in zip(*done)))
+
+
+def _after_certain_blank(beams: _Beams, after_blank: Tensor) -> _Beams:
+    """What a certain blank frame (probability 1) does to the lines where ``after_blank`` ``(B, 1)`` is True:
+    every prefix's mass moves into its ends-in-blank part."""
+    return beams._replace(p_blank=torch.where(after_blank, torch.logaddexp(beams.p_blank, beams.p_label),
+                                              beams.p_blank),
+                          p_label=beams.p_label.masked_fill(after_blank, float("-inf")))
 
 
 def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
@@ -308,24 +423,27 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
     return torch.where(accepted, beams.prior + fusion.lm_end[beams.lm_state], float("-inf"))
 
 
-def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None) -> tuple[_Beams, Tensor, Tensor]:
+def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
+          classes: Tensor | None = None) -> tuple[_Beams, Tensor, Tensor]:
     """Advance every beam by one frame.
 
-    Candidates are indexed flat as ``slot * C + class``: class ``c != blank`` is the extension
-    ``p + c`` of the prefix ``p`` in that slot, and the blank column stands for ``p`` unchanged.
+    Candidates are indexed flat as ``slot * N + j``: column ``j`` of a slot holding prefix ``p`` is the
+    extension ``p + c`` by the ``j``-th candidate class ``c``, except the blank's column, which stands for ``p``
+    unchanged. Without ``classes`` every class is a candidate (``N = C``, ``c = j``).
 
     Args:
         beams: current ``K`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
         fusion: priors to rank by and the lexicon to obey, or None.
+        classes: ``(B, N)`` int64 each line's candidate classes, the blank among them, in ascending order, then
+            any others of log-prob ``-inf`` (see :func:`_prune_frames`); or None for all ``C``.
 
     Returns:
         ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
         from and the label it appended (``blank`` if it is its parent unchanged).
     """
     batch, width = beams.last.shape
-    num_classes = log_probs.shape[1]
     total = torch.logaddexp(beams.p_blank, beams.p_label)  # (B, K)
     has_last = beams.last >= 0
     last = torch.where(has_last, beams.last, blank)  # the empty prefix points at its own blank column
@@ -336,25 +454,38 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     stay_label = torch.where(has_last, beams.p_label + last_log_prob, float("-inf"))
 
     # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
-    extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
-    extend.scatter_(2, last[..., None], (beams.p_blank + last_log_prob)[..., None])
+    if classes is None:
+        num_candidates = log_probs.shape[1]
+        extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
+        extend.scatter_(2, last[..., None], (beams.p_blank + last_log_prob)[..., None])
+        is_stay = torch.arange(num_candidates, device=last.device) == blank
+        last_column, stay_column = beams.last, blank
+    else:
+        num_candidates = classes.shape[1]
+        is_last = classes[:, None, :] == last[..., None]  # (B, K, N)
+        extend = torch.where(is_last, (beams.p_blank + last_log_prob)[..., None],
+                             total[..., None] + log_probs.gather(1, classes)[:, None, :])
+        is_stay = (classes == blank)[:, None, :]
+        listed, last_column = is_last.to(torch.uint8).max(2)
+        last_column = torch.where(has_last & listed.bool(), last_column, -1)
+        stay_column = is_stay[:, 0].to(torch.uint8).argmax(1, keepdim=True)
     if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
-        lexicon_next = fusion.lexicon.next_state[beams.lexicon_state]  # (B, K, C)
+        lexicon_next = _candidate_columns(fusion.lexicon.next_state, beams.lexicon_state, classes)  # (B, K, N)
         extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
-    extend = extend.view(batch, width * num_classes)
-    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, last, extend, blank))
+    extend = extend.view(batch, width * num_candidates)
+    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, extend, last_column, stay_column))
 
-    is_stay = torch.arange(num_classes, device=last.device) == blank
     stay_total = torch.logaddexp(stay_blank, stay_label)
-    scores = torch.where(is_stay, stay_total[..., None], extend.view(batch, width, num_classes))
-    scores = scores.view(batch, width * num_classes)
+    scores = torch.where(is_stay, stay_total[..., None], extend.view(batch, width, num_candidates))
+    scores = scores.view(batch, width * num_candidates)
     if fusion is None:
         chosen = _top_k_first(scores, width)
-    else:
-        candidate_prior = beams.prior[..., None] + fusion.step[beams.lm_state]  # (B, K, C); blank column: + 0
-        candidate_prior = candidate_prior.view(batch, width * num_classes)
+    else:  # the blank columns of the step table are 0
+        candidate_prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
+        candidate_prior = candidate_prior.view(batch, width * num_candidates)
         chosen = _top_k_first(scores + candidate_prior, width)
-    parent, label = chosen // num_classes, chosen % num_classes
+    parent, column = chosen // num_candidates, chosen % num_candidates
+    label = column if classes is None else classes.gather(1, column)
     extended = label != blank
     parent_key = beams.key.gather(1, parent)
     new_beams = _Beams(
@@ -373,32 +504,44 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     return new_beams, parent, label
 
 
-def _merge_duplicates(beams: _Beams, total: Tensor, last: Tensor, extend: Tensor, blank: int) -> Tensor:
+def _candidate_columns(table: Tensor, state: Tensor, classes: Tensor | None) -> Tensor:
+    """``(B, K, N)`` the candidate classes' columns of ``table`` ``(S, C)`` at each prefix's ``state``
+    ``(B, K)``: all ``C`` columns without ``classes``, else those of ``classes`` ``(B, N)``."""
+    rows = table.index_select(0, state.view(-1)).view(*state.shape, table.shape[1])
+    if classes is None:
+        return rows
+    return rows.gather(2, classes[:, None, :].expand(-1, state.shape[1], -1))
+
+
+def _merge_duplicates(beams: _Beams, total: Tensor, extend: Tensor, last_column: Tensor,
+                      stay_column: Tensor | int) -> Tensor:
     """Take the extensions ``p + c`` that equal a live prefix ``q`` of the beam out of ``extend``.
 
     Live prefixes are distinct, so each live ``q`` has at most one live parent ``p`` in the beam,
     found by ``key(p) == parent_key(q)``; its extension by ``last(q)`` is set to ``-inf`` in place.
 
     Args:
-        beams: current prefixes; ``total`` ``(B, K)`` their log-probs, ``last`` ``(B, K)`` int64
-            their last labels (``blank`` for the empty prefix).
-        extend: ``(B, K * C)`` float ends-in-label log-probs of the extensions, flat by ``slot * C + c``.
-        blank: index of the blank class.
+        beams: current prefixes; ``total`` ``(B, K)`` their log-probs.
+        extend: ``(B, K * N)`` float ends-in-label log-probs of the extensions, flat by ``slot * N + j``.
+        last_column: ``(B, K)`` int64 the candidate column of each prefix's last label, ``-1`` for the empty
+            prefix and for a last label that is no candidate (its extension is ``-inf``).
+        stay_column: the blank's column, an int or ``(B, 1)`` int64 per line.
 
     Returns:
         ``(B, K)`` float log-prob each prefix receives from its parent's extension (``-inf`` if none).
     """
-    width = last.shape[1]
-    num_classes = extend.shape[1] // width
+    width = total.shape[1]
+    num_candidates = extend.shape[1] // width
     alive = total > float("-inf")
-    is_parent = beams.parent_key[:, :, None] == beams.key[:, None, :]  # (B, Kq, Kp)
-    is_parent &= (alive & (beams.last >= 0))[:, :, None] & alive[:, None, :]
-    has_parent, parent_slot = is_parent.to(torch.uint8).max(2)  # one pass; the index is the first maximum
-    has_parent = has_parent.bool()
-    own_blank = torch.arange(width, device=last.device) * num_classes + blank
-    twin = torch.where(has_parent, parent_slot * num_classes + last, own_blank)  # (B, Kq)
+    # Look every parent key up among the live keys, sorted (keys are >= 0, dead slots -1): O(K log K), not K^2.
+    live_keys, slot_of = torch.where(alive, beams.key, -1).sort(1)
+    found = torch.searchsorted(live_keys, beams.parent_key).clamp_(max=width - 1)
+    has_parent = (live_keys.gather(1, found) == beams.parent_key) & alive & (last_column >= 0)
+    parent_slot = slot_of.gather(1, found)
+    own_stay = torch.arange(width, device=total.device) * num_candidates + stay_column
+    twin = torch.where(has_parent, parent_slot * num_candidates + last_column, own_stay)  # (B, Kq)
     incoming = torch.where(has_parent, extend.gather(1, twin), float("-inf"))
-    extend.scatter_(1, twin, float("-inf"))  # own blank columns are overwritten by the caller
+    extend.scatter_(1, twin, float("-inf"))  # own stay columns are overwritten by the caller
     return incoming
 
 
@@ -429,14 +572,16 @@ def _extend_hash(key: Tensor, label: Tensor) -> Tensor:
 def _backtrack(history: list[tuple[Tensor, Tensor]], slot: Tensor, blank: int) -> Tensor:
     """Labels appended along the way to ``slot`` ``(B,)``, as ``(B, T)`` int64 with ``blank`` for stays.
 
-    ``history`` holds per frame the ``(parent, label)`` ``(B, K)`` returned by :func:`_step`.
+    ``history`` holds per frame the ``(parent, label)`` ``(B', K)`` returned by :func:`_step` for the first
+    ``B' <= B`` rows; the others stay in their slot that frame.
     """
     path = slot.new_full((slot.shape[0], len(history)), blank)
-    slot = slot[:, None]
+    slot = slot[:, None].clone()
     for t in range(len(history) - 1, -1, -1):
         parent, label = history[t]
-        path[:, t] = label.gather(1, slot)[:, 0]
-        slot = parent.gather(1, slot)
+        rows = label.shape[0]
+        path[:rows, t] = label.gather(1, slot[:rows])[:, 0]
+        slot[:rows] = parent.gather(1, slot[:rows])
     return path
 
 
