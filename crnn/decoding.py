@@ -76,13 +76,18 @@ class BeamSearchDecoder:
         allow: the characters the output may contain (all classes outside it are masked), or None for all.
         charset: the recogniser's :class:`data.Charset`. Needed by the LM, the lexicon and ``allow``; may be
             given later with :meth:`bind` (``CRNNModule`` binds its own).
+        token_min_logp: per frame, non-blank classes below this log-probability (but the frame's most likely)
+            are pruned, and frames left with the blank only are skipped (:func:`beam_search`); the default -5 is
+            pyctcdecode's. None: the exact search over every class of every frame.
     """
 
     def __init__(self, beam_width: int = 10, lm_path: str | None = None, lm_weight: float = 0.5,
                  insertion_bonus: float = 0.0, lexicon_path: str | None = None, lexicon_mode: str = "word",
-                 allow: str | None = None, charset=None):
+                 allow: str | None = None, charset=None, token_min_logp: float | None = -5.0):
         if beam_width < 1:
             raise ValueError(f"beam_width must be positive, got {beam_width}")
+        if token_min_logp is not None and not token_min_logp <= 0:
+            raise ValueError(f"token_min_logp must be a log-probability (<= 0) or None, got {token_min_logp}")
         if allow is not None and not isinstance(allow, str):  # Hydra reads decoder.allow=0123 as the int 123
             raise TypeError(f"allow must be a string of characters, got {allow!r} (quote it on Hydra's command "
                             "line: 'decoder.allow=\"0123456789\"')")
@@ -91,6 +96,7 @@ class BeamSearchDecoder:
         self.lm_weight, self.insertion_bonus = float(lm_weight), float(insertion_bonus)
         self.lexicon = Lexicon.from_file(lexicon_path, lexicon_mode) if lexicon_path else None
         self.allow = allow
+        self.token_min_logp = None if token_min_logp is None else float(token_min_logp)
         self.fused = self.lm is not None or self.lexicon is not None or allow is not None or insertion_bonus != 0
         self.fusion: Fusion | None = None
         if charset is not None:
@@ -109,14 +115,15 @@ class BeamSearchDecoder:
                                "pass charset= or call bind(charset)")
         if self.fusion is not None and self.fusion.step.device != log_probs.device:  # move the tables once
             self.fusion = self.fusion.to(log_probs.device, self.fusion.step.dtype)
-        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion)
+        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion,
+                           token_min_logp=self.token_min_logp)
 
     def __repr__(self) -> str:
         extras = "".join([f", lm={self.lm!r}, lm_weight={self.lm_weight}" if self.lm else "",
                           f", insertion_bonus={self.insertion_bonus}" if self.insertion_bonus else "",
                           f", lexicon={self.lexicon!r}" if self.lexicon else "",
                           f", allow={self.allow!r}" if self.allow is not None else ""])
-        return f"BeamSearchDecoder(beam_width={self.beam_width}{extras})"
+        return f"BeamSearchDecoder(beam_width={self.beam_width}, token_min_logp={self.token_min_logp}{extras})"
 
 
 class Fusion(NamedTuple):
@@ -331,7 +338,7 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     blank up to its probability: every prefix stays, with all its mass in the ends-in-blank part, scaled by the
     frame's blank probability. A second one right after it only scales again, by the same factor for every
     prefix of the line, which changes no ranking. So such frames are skipped, each run of them leaving a flag on
-    the next kept frame (:func:`_after_certain_blank` applies it) and its log-probs in ``skipped_log_prob``. The
+    the next kept frame (:func:`_step` applies it) and its log-probs in ``skipped_log_prob``. The
     search on the kept frames is the search on the pruned log-probs of all frames. Frames after a line's end
     (certain blanks with log-prob 0, :func:`_blank_after_end`) are skipped alike, and so are the certain blanks
     after a line's last kept frame: they change no total.
@@ -388,20 +395,11 @@ def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fus
         if rows < beams.last.shape[0]:
             done.append(_Beams(*(None if field is None else field[rows:] for field in beams)))
             beams = _Beams(*(None if field is None else field[:rows] for field in beams))
-        beams = _after_certain_blank(beams, frames.after_blank[t, :rows])
         beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion,
-                                     frames.classes[t, :rows, :num_candidates])
+                                     frames.classes[t, :rows, :num_candidates], frames.after_blank[t, :rows])
         history.append((parent, label))
     done.append(beams)
     return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1]) for parts in zip(*done)))
-
-
-def _after_certain_blank(beams: _Beams, after_blank: Tensor) -> _Beams:
-    """What a certain blank frame (probability 1) does to the lines where ``after_blank`` ``(B, 1)`` is True:
-    every prefix's mass moves into its ends-in-blank part."""
-    return beams._replace(p_blank=torch.where(after_blank, torch.logaddexp(beams.p_blank, beams.p_label),
-                                              beams.p_blank),
-                          p_label=beams.p_label.masked_fill(after_blank, float("-inf")))
 
 
 def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
@@ -424,7 +422,7 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
 
 
 def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
-          classes: Tensor | None = None) -> tuple[_Beams, Tensor, Tensor]:
+          classes: Tensor | None = None, after_blank: Tensor | None = None) -> tuple[_Beams, Tensor, Tensor]:
     """Advance every beam by one frame.
 
     Candidates are indexed flat as ``slot * N + j``: column ``j`` of a slot holding prefix ``p`` is the
@@ -438,6 +436,8 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
         fusion: priors to rank by and the lexicon to obey, or None.
         classes: ``(B, N)`` int64 each line's candidate classes, the blank among them, in ascending order, then
             any others of log-prob ``-inf`` (see :func:`_prune_frames`); or None for all ``C``.
+        after_blank: ``(B, 1)`` bool, the lines where skipped certain blanks came before this frame: first all
+            their prefixes' mass moves into the ends-in-blank part. None: no line.
 
     Returns:
         ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
@@ -445,51 +445,60 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     """
     batch, width = beams.last.shape
     total = torch.logaddexp(beams.p_blank, beams.p_label)  # (B, K)
+    p_blank, p_label = beams.p_blank, beams.p_label
+    if after_blank is not None:
+        p_blank, p_label = torch.where(after_blank, total, p_blank), p_label.masked_fill(after_blank, float("-inf"))
     has_last = beams.last >= 0
     last = torch.where(has_last, beams.last, blank)  # the empty prefix points at its own blank column
     last_log_prob = log_probs.gather(1, last)
 
-    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label.
+    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label (the empty prefix's p_label is -inf).
     stay_blank = total + log_probs[:, blank, None]
-    stay_label = torch.where(has_last, beams.p_label + last_log_prob, float("-inf"))
+    stay_label = p_label + last_log_prob
 
     # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
     if classes is None:
         num_candidates = log_probs.shape[1]
         extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
-        extend.scatter_(2, last[..., None], (beams.p_blank + last_log_prob)[..., None])
-        is_stay = torch.arange(num_candidates, device=last.device) == blank
+        extend.scatter_(2, last[..., None], (p_blank + last_log_prob)[..., None])
         last_column, stay_column = beams.last, blank
     else:
         num_candidates = classes.shape[1]
         is_last = classes[:, None, :] == last[..., None]  # (B, K, N)
-        extend = torch.where(is_last, (beams.p_blank + last_log_prob)[..., None],
+        extend = torch.where(is_last, (p_blank + last_log_prob)[..., None],
                              total[..., None] + log_probs.gather(1, classes)[:, None, :])
-        is_stay = (classes == blank)[:, None, :]
         listed, last_column = is_last.to(torch.uint8).max(2)
-        last_column = torch.where(has_last & listed.bool(), last_column, -1)
-        stay_column = is_stay[:, 0].to(torch.uint8).argmax(1, keepdim=True)
+        last_column = last_column.masked_fill(~(has_last & listed.bool()), -1)
+        stay_column = (classes == blank).to(torch.uint8).argmax(1, keepdim=True)
     if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
         lexicon_next = _candidate_columns(fusion.lexicon.next_state, beams.lexicon_state, classes)  # (B, K, N)
         extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
     extend = extend.view(batch, width * num_candidates)
     stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, extend, last_column, stay_column))
 
+    # The stay columns become the prefixes unchanged: scores is extend, with them written in.
     stay_total = torch.logaddexp(stay_blank, stay_label)
-    scores = torch.where(is_stay, stay_total[..., None], extend.view(batch, width, num_candidates))
-    scores = scores.view(batch, width * num_candidates)
-    if fusion is None:
-        chosen = _top_k_first(scores, width)
-    else:  # the blank columns of the step table are 0
+    scores = extend.view(batch, width, num_candidates)
+    if classes is None:
+        scores[:, :, blank] = stay_total
+    else:
+        scores.scatter_(2, stay_column[:, None, :].expand(-1, width, -1), stay_total[..., None])
+    scores = extend
+    if fusion is not None:  # the blank columns of the step table are 0
         candidate_prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
         candidate_prior = candidate_prior.view(batch, width * num_candidates)
-        chosen = _top_k_first(scores + candidate_prior, width)
-    parent, column = chosen // num_candidates, chosen % num_candidates
-    label = column if classes is None else classes.gather(1, column)
+        ranking = scores + candidate_prior
+    else:
+        ranking = scores
+    chosen = _top_k_ranked(ranking, width) if classes is not None else _top_k_first(ranking, width)
+    parent = chosen // num_candidates
+    label = chosen - parent * num_candidates
+    if classes is not None:
+        label = classes.gather(1, label)
     extended = label != blank
     parent_key = beams.key.gather(1, parent)
     new_beams = _Beams(
-        p_blank=torch.where(extended, float("-inf"), stay_blank.gather(1, parent)),
+        p_blank=stay_blank.gather(1, parent).masked_fill(extended, float("-inf")),
         p_label=torch.where(extended, scores.gather(1, chosen), stay_label.gather(1, parent)),
         last=torch.where(extended, label, beams.last.gather(1, parent)),
         key=torch.where(extended, _extend_hash(parent_key, label), parent_key),
@@ -498,10 +507,15 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     if fusion is not None:  # the blank columns of the tables keep the state, so stays need no special case
         new_beams = new_beams._replace(
             prior=candidate_prior.gather(1, chosen),
-            lm_state=fusion.lm_next[beams.lm_state.gather(1, parent), label],
-            lexicon_state=fusion.lexicon.next_state[beams.lexicon_state.gather(1, parent), label],
+            lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
+            lexicon_state=_next_state(fusion.lexicon.next_state, beams.lexicon_state.gather(1, parent), label),
         )
     return new_beams, parent, label
+
+
+def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
+    """``table[state, label]`` for ``(S, C)`` ``table`` and ``state``, ``label`` of one shape, as one flat take."""
+    return table.take(state * table.shape[1] + label)
 
 
 def _candidate_columns(table: Tensor, state: Tensor, classes: Tensor | None) -> Tensor:
@@ -540,7 +554,7 @@ def _merge_duplicates(beams: _Beams, total: Tensor, extend: Tensor, last_column:
     parent_slot = slot_of.gather(1, found)
     own_stay = torch.arange(width, device=total.device) * num_candidates + stay_column
     twin = torch.where(has_parent, parent_slot * num_candidates + last_column, own_stay)  # (B, Kq)
-    incoming = torch.where(has_parent, extend.gather(1, twin), float("-inf"))
+    incoming = extend.gather(1, twin).masked_fill(~has_parent, float("-inf"))
     extend.scatter_(1, twin, float("-inf"))  # own stay columns are overwritten by the caller
     return incoming
 
@@ -557,6 +571,24 @@ def _top_k_first(scores: Tensor, k: int) -> Tensor:
     slot = torch.where(take, take.cumsum(1) - 1, k)  # column k collects the rest
     positions = torch.arange(scores.shape[1], device=scores.device).expand_as(slot)
     return slot.new_zeros(scores.shape[0], k + 1).scatter_(1, slot, positions)[:, :k]
+
+
+def _top_k_ranked(scores: Tensor, k: int) -> Tensor:
+    """Indices ``(B, k)`` int64 of the ``k`` largest of ``scores`` ``(B, N)``, largest first, ties to the lower
+    index: the same set as :func:`_top_k_first`, ordered by rank, in one :func:`torch.topk` for float32.
+
+    A float32's bits, read as an int32 and with the magnitude bits of negative numbers flipped, order like the
+    float (``-0.0`` just below ``0.0``); shifted up 32 bits with ``N - 1 - index`` below them, every key is
+    distinct, larger for a larger score and, among equal ones, for a lower index. Other dtypes fall back to
+    :func:`_top_k_first`.
+    """
+    if scores.dtype != torch.float32:
+        return _top_k_first(scores, k)
+    bits = scores.contiguous().view(torch.int32)
+    bits = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    last_index = scores.shape[1] - 1
+    keys = (bits << 32) | torch.arange(last_index, -1, -1, device=scores.device)
+    return last_index - (keys.topk(k, dim=1).values & 0xFFFFFFFF)
 
 
 def _extend_hash(key: Tensor, label: Tensor) -> Tensor:

@@ -385,7 +385,8 @@ def test_fused_decoder_needs_a_charset(tmp_path):
 # ---------------------------------------------------------------- decoder objects
 
 
-@pytest.mark.parametrize("decoder", [GreedyDecoder(), BeamSearchDecoder(beam_width=3)], ids=repr)
+@pytest.mark.parametrize("decoder", [GreedyDecoder(), BeamSearchDecoder(beam_width=3),
+                                     BeamSearchDecoder(beam_width=3, token_min_logp=None)], ids=repr)
 def test_decoder_objects_return_the_functions_labels_and_scores(decoder):
     log_probs = random_log_probs((9, 4, 5), seed=2)
     lengths = torch.tensor([9, 5, 1, 0])
@@ -393,7 +394,7 @@ def test_decoder_objects_return_the_functions_labels_and_scores(decoder):
     if isinstance(decoder, GreedyDecoder):
         expected = greedy_decode(log_probs, lengths, blank=1)
     else:
-        expected = beam_search(log_probs, lengths, beam_width=3, blank=1)
+        expected = beam_search(log_probs, lengths, beam_width=3, blank=1, token_min_logp=decoder.token_min_logp)
     assert isinstance(decoded, Decoded) and decoded.labels == expected.labels
     torch.testing.assert_close(decoded.scores, expected.scores)
 
