@@ -309,24 +309,44 @@ def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Te
     return torch.where(after_end[..., None], certain_blank, log_probs)
 
 
+class _Candidates(NamedTuple):
+    """One frame's candidate classes in a pruned search, ``N`` per line (see :func:`_prune_frames`).
+
+    ``classes``: ``(B, N)`` int64, first the line's candidates (the blank and the classes that survived the
+    pruning) in ascending order, then other classes; ``lookup``: the same with those others replaced by ``C``,
+    so each row is sorted; ``log_probs``: ``(B, N)`` float the classes' log-probs (``-inf`` for the others);
+    ``blank_column``: ``(B, 1)`` int64 the blank's column; ``after_blank``: ``(B, 1)`` bool, a skipped certain
+    blank came before this frame.
+    """
+
+    classes: Tensor
+    lookup: Tensor
+    log_probs: Tensor
+    blank_column: Tensor
+    after_blank: Tensor
+
+    def rows(self, rows: int, columns: int) -> _Candidates:
+        """The first ``rows`` lines and ``columns`` candidates."""
+        return _Candidates(self.classes[:rows, :columns], self.lookup[:rows, :columns].contiguous(),  # searchsorted
+                           self.log_probs[:rows, :columns], self.blank_column[:rows], self.after_blank[:rows])
+
+
 class _PrunedFrames(NamedTuple):
     """The frames a pruned search visits (:func:`_prune_frames`): ``T'`` steps, lines reordered.
 
     ``lines``: ``(B,)`` int64 the input line in each row, the lines with more kept frames first.
     ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then certain
-    blanks (log-prob 0). ``classes``: ``(T', B, k)`` int64, per frame first its candidate classes (the blank and
-    the classes left) in ascending order, then others, of log-prob ``-inf`` there. ``num_candidates`` and
-    ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the rows with a kept frame
-    left (the first ones). ``after_blank``: ``(T', B, 1)`` bool, a skipped certain blank precedes the frame.
-    ``skipped_log_prob``: ``(B,)`` in input order, the skipped frames' blank log-probs summed.
+    blanks (log-prob 0). ``candidates``: :class:`_Candidates` of every step, each field with a leading ``T'``.
+    ``num_candidates`` and ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the
+    rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the skipped
+    frames' blank log-probs summed.
     """
 
     lines: Tensor
     log_probs: Tensor
-    classes: Tensor
+    candidates: _Candidates
     num_candidates: list[int]
     num_lines: list[int]
-    after_blank: Tensor
     skipped_log_prob: Tensor
 
 
@@ -377,10 +397,12 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     num_candidates, num_lines = counts[1 : 1 + num_steps], counts[1 + num_frames : 1 + num_frames + num_steps]
     # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
     rank = torch.arange(num_classes, 0, -1, device=log_probs.device)
-    rank = torch.where(candidate[:num_steps], rank, -rank)
-    classes = rank.topk(max(num_candidates, default=1), dim=2).indices
-    return _PrunedFrames(lines, log_probs[:num_steps], classes, num_candidates, num_lines,
-                         after_blank[:num_steps, :, None], skipped_log_prob)
+    rank, classes = torch.where(candidate[:num_steps], rank, -rank).topk(max(num_candidates, default=1), dim=2)
+    lookup = classes.masked_fill(rank < 0, num_classes)
+    log_probs = log_probs[:num_steps]
+    candidates = _Candidates(classes, lookup, log_probs.gather(2, classes), (lookup < blank).sum(2, keepdim=True),
+                             after_blank[:num_steps, :, None])
+    return _PrunedFrames(lines, log_probs, candidates, num_candidates, num_lines, skipped_log_prob)
 
 
 def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fusion | None,
@@ -395,8 +417,8 @@ def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fus
         if rows < beams.last.shape[0]:
             done.append(_Beams(*(None if field is None else field[rows:] for field in beams)))
             beams = _Beams(*(None if field is None else field[:rows] for field in beams))
-        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion,
-                                     frames.classes[t, :rows, :num_candidates], frames.after_blank[t, :rows])
+        candidates = _Candidates(*(field[t] for field in frames.candidates)).rows(rows, num_candidates)
+        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion, candidates)
         history.append((parent, label))
     done.append(beams)
     return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1]) for parts in zip(*done)))
@@ -422,22 +444,21 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
 
 
 def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
-          classes: Tensor | None = None, after_blank: Tensor | None = None) -> tuple[_Beams, Tensor, Tensor]:
+          candidates: _Candidates | None = None) -> tuple[_Beams, Tensor, Tensor]:
     """Advance every beam by one frame.
 
     Candidates are indexed flat as ``slot * N + j``: column ``j`` of a slot holding prefix ``p`` is the
     extension ``p + c`` by the ``j``-th candidate class ``c``, except the blank's column, which stands for ``p``
-    unchanged. Without ``classes`` every class is a candidate (``N = C``, ``c = j``).
+    unchanged. Without ``candidates`` every class is a candidate (``N = C``, ``c = j``).
 
     Args:
         beams: current ``K`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
         fusion: priors to rank by and the lexicon to obey, or None.
-        classes: ``(B, N)`` int64 each line's candidate classes, the blank among them, in ascending order, then
-            any others of log-prob ``-inf`` (see :func:`_prune_frames`); or None for all ``C``.
-        after_blank: ``(B, 1)`` bool, the lines where skipped certain blanks came before this frame: first all
-            their prefixes' mass moves into the ends-in-blank part. None: no line.
+        candidates: each line's candidate classes of a pruned search (:class:`_Candidates`), or None for all
+            ``C``. Where skipped certain blanks came before the frame (``candidates.after_blank``), all mass of
+            the line's prefixes first moves into their ends-in-blank part.
 
     Returns:
         ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
@@ -446,7 +467,8 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     batch, width = beams.last.shape
     total = torch.logaddexp(beams.p_blank, beams.p_label)  # (B, K)
     p_blank, p_label = beams.p_blank, beams.p_label
-    if after_blank is not None:
+    if candidates is not None:
+        after_blank = candidates.after_blank
         p_blank, p_label = torch.where(after_blank, total, p_blank), p_label.masked_fill(after_blank, float("-inf"))
     has_last = beams.last >= 0
     last = torch.where(has_last, beams.last, blank)  # the empty prefix points at its own blank column
@@ -457,19 +479,20 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     stay_label = p_label + last_log_prob
 
     # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
-    if classes is None:
-        num_candidates = log_probs.shape[1]
+    if candidates is None:
+        classes, num_candidates = None, log_probs.shape[1]
         extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
         extend.scatter_(2, last[..., None], (p_blank + last_log_prob)[..., None])
         last_column, stay_column = beams.last, blank
     else:
+        classes, stay_column = candidates.classes, candidates.blank_column
         num_candidates = classes.shape[1]
-        is_last = classes[:, None, :] == last[..., None]  # (B, K, N)
-        extend = torch.where(is_last, (p_blank + last_log_prob)[..., None],
-                             total[..., None] + log_probs.gather(1, classes)[:, None, :])
-        listed, last_column = is_last.to(torch.uint8).max(2)
-        last_column = last_column.masked_fill(~(has_last & listed.bool()), -1)
-        stay_column = (classes == blank).to(torch.uint8).argmax(1, keepdim=True)
+        extend = total[..., None] + candidates.log_probs[:, None, :]  # (B, K, N)
+        last_column = torch.searchsorted(candidates.lookup, last).clamp_(max=num_candidates - 1)
+        listed = candidates.lookup.gather(1, last_column) == last  # else the repeat was pruned
+        extend.scatter_(2, torch.where(listed, last_column, stay_column)[..., None],  # the stay column: overwritten
+                        (p_blank + last_log_prob)[..., None])
+        last_column = last_column.masked_fill(~(listed & has_last), -1)
     if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
         lexicon_next = _candidate_columns(fusion.lexicon.next_state, beams.lexicon_state, classes)  # (B, K, N)
         extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
@@ -490,7 +513,7 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
         ranking = scores + candidate_prior
     else:
         ranking = scores
-    chosen = _top_k_ranked(ranking, width) if classes is not None else _top_k_first(ranking, width)
+    chosen = _top_k_first(ranking, width) if candidates is None else _top_k_ranked(ranking, width)
     parent = chosen // num_candidates
     label = chosen - parent * num_candidates
     if classes is not None:
