@@ -14,7 +14,8 @@ as ours has none.
 With ``--checkpoint`` and ``--data`` (a ``gt.txt`` folder or LMDB directory): the model's log-probs of every
 line are computed once, then every decoder (greedy, beam, beam + LM, beam + lexicon, beam + LM + lexicon at each
 ``--beam-widths``; pyctcdecode without and with KenLM) decodes them all, and each gets CER, word accuracy
-(``1 - word edit distance / reference words``), line accuracy, lines/s of decoding alone, and the line error
+(``1 - word edit distance / reference words``), line accuracy, lines/s of decoding alone (the median of
+``--repeats`` passes over the set), and the line error
 rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's score). Ours prune with
 ``--token-min-logp`` (default -5; ``none``: the exact search). pyctcdecode decodes with its default pruning
 (``token_min_logp=-5``, ``beam_prune_logp=-10``) and the same ARPA file through KenLM: every character is made
@@ -159,6 +160,12 @@ def model_log_probs(args: argparse.Namespace):
     return module, batches
 
 
+def median_pass(repeats: int, run: Callable[..., Scored], *args) -> Scored:
+    """``run(*args)`` ``repeats`` times (at least once): the last texts and scores, the median seconds."""
+    passes = [run(*args) for _ in range(max(1, repeats))]
+    return passes[-1]._replace(seconds=statistics.median(scored.seconds for scored in passes))
+
+
 def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
     texts, scores, seconds = [], [], 0.0
     for batch in batches:
@@ -226,7 +233,8 @@ def accuracy_main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     fusion = dict(lm_weight=args.lm_weight, insertion_bonus=args.insertion_bonus, charset=charset,
                   token_min_logp=args.token_min_logp)
-    runs: dict[str, Scored] = {"greedy": run_ours(GreedyDecoder(), batches, charset, args.device)}
+    runs: dict[str, Scored] = {"greedy": median_pass(args.repeats, run_ours, GreedyDecoder(), batches, charset,
+                                                     args.device)}
     print(accuracy_row("greedy", runs["greedy"], references), flush=True)
     for width in args.beam_widths:
         decoders = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp)}
@@ -240,7 +248,7 @@ def accuracy_main(args: argparse.Namespace) -> None:
             decoders[f"beam {width} + char LM + lexicon"] = BeamSearchDecoder(
                 width, lm_path=args.lm, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, **fusion)
         for name, decoder in decoders.items():
-            runs[name] = run_ours(decoder, batches, charset, args.device)
+            runs[name] = median_pass(args.repeats, run_ours, decoder, batches, charset, args.device)
             print(accuracy_row(name, runs[name], references), flush=True)
         for lm in ([None, args.lm] if args.lm else [None]):
             theirs = pyctcdecode_char_decoder(charset, lm, args.lm_weight, args.insertion_bonus)
@@ -248,7 +256,7 @@ def accuracy_main(args: argparse.Namespace) -> None:
                 print(f"(pyctcdecode{' + kenlm' if lm else ''} not installed: skipped)")
                 continue
             name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm else "")
-            runs[name] = run_pyctcdecode(theirs, batches, width)
+            runs[name] = median_pass(args.repeats, run_pyctcdecode, theirs, batches, width)
             print(accuracy_row(name, runs[name], references), flush=True)
             ours = runs[f"beam {width} + char LM" if lm else f"beam {width}"]
             agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
