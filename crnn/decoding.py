@@ -391,8 +391,10 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     after_blank = after_blank[:, lines].gather(0, frames) & ~padding
     candidate = (log_probs > float("-inf")) | is_blank  # (T, B, C)
 
-    counts = torch.cat([num_kept[:1], candidate.sum(2).amax(1), (~padding).sum(1)])
-    counts = counts.tolist() if batch else [0]
+    if batch == 0:
+        num_kept = padding.new_zeros(1, dtype=torch.int64)
+    counts = torch.cat([num_kept[:1], candidate.sum(2).amax(1) if batch else num_kept.new_zeros(num_frames),
+                        (~padding).sum(1)]).tolist()
     num_steps = counts[0]
     num_candidates, num_lines = counts[1 : 1 + num_steps], counts[1 + num_frames : 1 + num_frames + num_steps]
     # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
