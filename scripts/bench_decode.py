@@ -20,7 +20,8 @@ rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's sc
 ``--token-min-logp`` (default -5; ``none``: the exact search). pyctcdecode decodes with its default pruning
 (``token_min_logp=-5``, ``beam_prune_logp=-10``) and the same ARPA file through KenLM: every character is made
 its own "word" (labels ``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and
-``beta = --insertion-bonus``, the same fused score as ours. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
+``beta = --insertion-bonus``, the same fused score as ours. pyctcdecode and kenlm are benchmark-only
+dependencies (skipped when missing).
 """
 
 from __future__ import annotations

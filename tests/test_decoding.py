@@ -1,5 +1,6 @@
 """Greedy and prefix-beam CTC decoding against hand-worked cases and brute-force enumeration."""
 
+import argparse
 import functools
 import math
 
@@ -290,13 +291,15 @@ def test_pruned_fused_search_with_an_unbounded_beam_finds_the_exhaustive_argmax(
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("beam_width", "blank", "threshold"), [(1, 0, -1.0), (3, 2, -2.0), (6, 4, -3.0), (6, 0, -math.inf)])
+@pytest.mark.parametrize(("beam_width", "blank", "threshold"),
+                         [(1, 0, -1.0), (3, 2, -2.0), (6, 4, -3.0), (6, 0, -math.inf)])
 def test_pruned_search_is_the_exact_search_on_the_pruned_log_probs(beam_width, blank, threshold, dtype):
     """Narrow beams on random (not peaky) log-probs: pruning changes the result only through the classes it cuts."""
     log_probs = random_log_probs((12, 7, 5), seed=beam_width, scale=2.0, dtype=dtype)
     lengths = torch.tensor([12, 11, 9, 5, 1, 0, 12])
     charset = Charset("abcd", blank=blank)
-    lm_fusion = Fusion.build(charset, witten_bell(["ab cd", "dab", "a", "bad"], 3), 0.7, 0.3, Lexicon(["ab", "cd", "dab", "a"]))
+    lm_fusion = Fusion.build(charset, witten_bell(["ab cd", "dab", "a", "bad"], 3), 0.7, 0.3,
+                             Lexicon(["ab", "cd", "dab", "a"]))
     for fusion in (None, lm_fusion):
         got = beam_search(log_probs, lengths, beam_width, blank, fusion, token_min_logp=threshold)
         expected = beam_search(pruned(log_probs, threshold, blank), lengths, beam_width, blank, fusion)
@@ -478,6 +481,34 @@ def test_beam_lm_config_builds_a_fused_decoder_that_a_module_binds(tmp_path):
     assert module.decode(log_probs, torch.tensor([5, 5])) == ["10", "10"]
     with pytest.raises(TypeError, match="quote"):
         BeamSearchDecoder(allow=123)
+
+
+def test_beam_configs_prune_at_minus_5_and_null_is_the_exact_search():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    for name in ("beam", "beam_lm"):
+        config = OmegaConf.load(f"conf/decoder/{name}.yaml")
+        assert instantiate(config).token_min_logp == -5.0
+        config.token_min_logp = None
+        assert instantiate(config).token_min_logp is None
+    with pytest.raises(ValueError, match="token_min_logp"):
+        BeamSearchDecoder(token_min_logp=1.0)
+
+
+def test_token_min_logp_command_line_option():
+    from scripts.options import add_recognition_arguments, decoder_from_args
+
+    parser = argparse.ArgumentParser()
+    add_recognition_arguments(parser, batch_size=8)
+    assert parser.parse_args([]).token_min_logp == -5.0
+    assert parser.parse_args(["--token-min-logp=-inf"]).token_min_logp == -math.inf
+    args = parser.parse_args(["--decoder", "beam", "--token-min-logp", "none"])
+    assert decoder_from_args(args, Charset("ab")).token_min_logp is None
+    args = parser.parse_args(["--decoder", "beam", "--token-min-logp", "-8"])
+    assert decoder_from_args(args, Charset("ab")).token_min_logp == -8.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--token-min-logp", "0.5"])
 
 
 def test_fused_decoder_needs_a_charset(tmp_path):
