@@ -2,7 +2,9 @@
 
 Every decoder returns a :class:`Decoded`: per line the label ids (blank removed, repeats collapsed) as a Python
 list, and a log-score. Mapping ids to text is the charset's job. Everything runs in tensors on the log-probs'
-device; the beam search loops over time only, extending every prefix of every line by every class at once.
+device; the beam search loops over time only, extending every prefix of every line by every class at once, or,
+with ``token_min_logp`` (the decoder's default), by the classes of each frame that survive pyctcdecode-style
+pruning, over the frames that are not near-certain blanks.
 
 The functions (:func:`greedy_decode`, :func:`beam_search`) are what the decoder objects the configs build
 (:class:`GreedyDecoder`, :class:`BeamSearchDecoder`, ``conf/decoder/*.yaml``) call; any object with the
@@ -335,8 +337,8 @@ class _PrunedFrames(NamedTuple):
     """The frames a pruned search visits (:func:`_prune_frames`): ``T'`` steps, lines reordered.
 
     ``lines``: ``(B,)`` int64 the input line in each row, the lines with more kept frames first.
-    ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then certain
-    blanks (log-prob 0). ``candidates``: :class:`_Candidates` of every step, each field with a leading ``T'``.
+    ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then anything
+    (never read). ``candidates``: :class:`_Candidates` of every step, each field with a leading ``T'``.
     ``num_candidates`` and ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the
     rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the skipped
     frames' blank log-probs summed.
@@ -377,33 +379,34 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     kept = (log_probs >= token_min_logp) | is_blank
     kept.scatter_(2, log_probs.argmax(2, keepdim=True), True)
     log_probs = log_probs.masked_fill(~kept, float("-inf"))
-    certain_blank = ~((log_probs > float("-inf")) & ~is_blank).any(2)  # (T, B)
+    candidate = (log_probs > float("-inf")) | is_blank  # (T, B, C)
+    num_candidates = candidate.sum(2)  # (T, B)
+    certain_blank = num_candidates == 1
     skipped_log_prob = torch.where(certain_blank, log_probs[..., blank], 0.0).sum(0)
     after_blank = F.pad(certain_blank[:-1], (0, 0, 1, 0), value=False)
 
-    num_kept = (~certain_blank).sum(0)  # (B,)
-    num_kept, lines = num_kept.sort(descending=True, stable=True)
-    certain_blank = certain_blank[:, lines]
-    frames = torch.sort(certain_blank.T.to(torch.uint8), dim=1, stable=True).indices.T  # (T, B): kept ones first
+    # Row r holds line lines[r]; its t-th kept frame is frame frames[t, r]. Entries past a row's kept frames
+    # (padding) are never read: step t runs on the rows with a kept frame t only, the first num_lines[t].
+    num_kept, lines = (~certain_blank).sum(0).sort(descending=True, stable=True)  # (B,)
+    frames = torch.sort(certain_blank[:, lines].T.to(torch.uint8), dim=1, stable=True).indices.T  # (T, B)
     padding = torch.arange(num_frames, device=log_probs.device)[:, None] >= num_kept  # (T, B)
-    log_probs = log_probs[:, lines].gather(0, frames[..., None].expand(-1, -1, num_classes))
-    log_probs = torch.where(padding[..., None], torch.where(is_blank, 0.0, float("-inf")), log_probs)
-    after_blank = after_blank[:, lines].gather(0, frames) & ~padding
-    candidate = (log_probs > float("-inf")) | is_blank  # (T, B, C)
+    num_candidates = num_candidates[:, lines].gather(0, frames).masked_fill(padding, 1)
+    most = num_candidates.amax(1) if batch else num_candidates.new_zeros(num_frames)
+    counts = torch.cat([(~padding).sum(1), most]).tolist()  # the one host sync
+    num_lines = [rows for rows in counts[:num_frames] if rows]
+    num_steps = len(num_lines)
+    num_candidates = counts[num_frames : num_frames + num_steps]
 
-    if batch == 0:
-        num_kept = padding.new_zeros(1, dtype=torch.int64)
-    counts = torch.cat([num_kept[:1], candidate.sum(2).amax(1) if batch else num_kept.new_zeros(num_frames),
-                        (~padding).sum(1)]).tolist()
-    num_steps = counts[0]
-    num_candidates, num_lines = counts[1 : 1 + num_steps], counts[1 + num_frames : 1 + num_frames + num_steps]
+    rows = (frames[:num_steps] * batch + lines).view(-1)  # into (T * B, C)
+    log_probs = log_probs.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
+    candidate = candidate.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
+    after_blank = after_blank[:, lines].gather(0, frames[:num_steps])
     # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
     rank = torch.arange(num_classes, 0, -1, device=log_probs.device)
-    rank, classes = torch.where(candidate[:num_steps], rank, -rank).topk(max(num_candidates, default=1), dim=2)
+    rank, classes = torch.where(candidate, rank, -rank).topk(max(num_candidates, default=1), dim=2)
     lookup = classes.masked_fill(rank < 0, num_classes)
-    log_probs = log_probs[:num_steps]
     candidates = _Candidates(classes, lookup, log_probs.gather(2, classes), (lookup < blank).sum(2, keepdim=True),
-                             after_blank[:num_steps, :, None])
+                             after_blank[..., None])
     return _PrunedFrames(lines, log_probs, candidates, num_candidates, num_lines, skipped_log_prob)
 
 
