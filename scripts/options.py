@@ -37,7 +37,7 @@ def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) 
     parser.add_argument("--beam-width", type=positive_int, default=10, help="prefixes kept per frame by --decoder beam")
     parser.add_argument("--token-min-logp", type=log_prob_or_none, default=-5.0, metavar="LOGP",
                         help="--decoder beam: per frame, skip classes below this log-prob (default -5, as "
-                             "pyctcdecode); 'none': the exact search over every class")
+                             "pyctcdecode); 'none': the exact search over every class; -inf as --token-min-logp=-inf")
     fusion = parser.add_argument_group("beam search with a language model or lexicon (with --decoder beam)")
     fusion.add_argument("--lm", metavar="PATH", help="ARPA character n-gram model (scripts/train_char_lm.py)")
     fusion.add_argument("--lm-weight", type=float, default=0.5, metavar="W", help="weight of log P_lm (default 0.5)")
