@@ -2,7 +2,9 @@
 
 Every decoder returns a :class:`Decoded`: per line the label ids (blank removed, repeats collapsed) as a Python
 list, and a log-score. Mapping ids to text is the charset's job. Everything runs in tensors on the log-probs'
-device; the beam search loops over time only, extending every prefix of every line by every class at once.
+device; the beam search loops over time only, extending every prefix of every line by every class at once, or,
+with ``token_min_logp`` (the decoder's default), by the classes of each frame that survive pyctcdecode-style
+pruning, over the frames that are not near-certain blanks.
 
 The functions (:func:`greedy_decode`, :func:`beam_search`) are what the decoder objects the configs build
 (:class:`GreedyDecoder`, :class:`BeamSearchDecoder`, ``conf/decoder/*.yaml``) call; any object with the
@@ -76,13 +78,18 @@ class BeamSearchDecoder:
         allow: the characters the output may contain (all classes outside it are masked), or None for all.
         charset: the recogniser's :class:`data.Charset`. Needed by the LM, the lexicon and ``allow``; may be
             given later with :meth:`bind` (``CRNNModule`` binds its own).
+        token_min_logp: per frame, non-blank classes below this log-probability (but the frame's most likely)
+            are pruned, and frames left with the blank only are skipped (:func:`beam_search`); the default -5 is
+            pyctcdecode's. None: the exact search over every class of every frame.
     """
 
     def __init__(self, beam_width: int = 10, lm_path: str | None = None, lm_weight: float = 0.5,
                  insertion_bonus: float = 0.0, lexicon_path: str | None = None, lexicon_mode: str = "word",
-                 allow: str | None = None, charset=None):
+                 allow: str | None = None, charset=None, token_min_logp: float | None = -5.0):
         if beam_width < 1:
             raise ValueError(f"beam_width must be positive, got {beam_width}")
+        if token_min_logp is not None and not token_min_logp <= 0:
+            raise ValueError(f"token_min_logp must be a log-probability (<= 0) or None, got {token_min_logp}")
         if allow is not None and not isinstance(allow, str):  # Hydra reads decoder.allow=0123 as the int 123
             raise TypeError(f"allow must be a string of characters, got {allow!r} (quote it on Hydra's command "
                             "line: 'decoder.allow=\"0123456789\"')")
@@ -91,6 +98,7 @@ class BeamSearchDecoder:
         self.lm_weight, self.insertion_bonus = float(lm_weight), float(insertion_bonus)
         self.lexicon = Lexicon.from_file(lexicon_path, lexicon_mode) if lexicon_path else None
         self.allow = allow
+        self.token_min_logp = None if token_min_logp is None else float(token_min_logp)
         self.fused = self.lm is not None or self.lexicon is not None or allow is not None or insertion_bonus != 0
         self.fusion: Fusion | None = None
         if charset is not None:
@@ -109,14 +117,15 @@ class BeamSearchDecoder:
                                "pass charset= or call bind(charset)")
         if self.fusion is not None and self.fusion.step.device != log_probs.device:  # move the tables once
             self.fusion = self.fusion.to(log_probs.device, self.fusion.step.dtype)
-        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion)
+        return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion,
+                           token_min_logp=self.token_min_logp)
 
     def __repr__(self) -> str:
         extras = "".join([f", lm={self.lm!r}, lm_weight={self.lm_weight}" if self.lm else "",
                           f", insertion_bonus={self.insertion_bonus}" if self.insertion_bonus else "",
                           f", lexicon={self.lexicon!r}" if self.lexicon else "",
                           f", allow={self.allow!r}" if self.allow is not None else ""])
-        return f"BeamSearchDecoder(beam_width={self.beam_width}{extras})"
+        return f"BeamSearchDecoder(beam_width={self.beam_width}, token_min_logp={self.token_min_logp}{extras})"
 
 
 class Fusion(NamedTuple):
@@ -218,7 +227,7 @@ class _Beams(NamedTuple):
 
 
 def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0,
-                fusion: Fusion | None = None) -> Decoded:
+                fusion: Fusion | None = None, token_min_logp: float | None = None) -> Decoded:
     """CTC prefix beam search (Hannun et al., 2014), optionally fused with an LM, a lexicon and allowed classes.
 
     Each prefix carries the probability of all paths collapsing to it, split by whether the path
@@ -242,6 +251,11 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         beam_width: number of prefixes kept per line after every frame.
         blank: index of the CTC blank class, anywhere in ``[0, C)``.
         fusion: priors over the text (:class:`Fusion`, built for this ``C`` and ``blank``), or None.
+        token_min_logp: None searches every class of every frame. A number prunes (see :func:`_prune_frames`):
+            a non-blank class below it on a frame, unless it is the frame's most likely class, gets probability
+            0 there, frames left with the blank only are skipped, and each frame's extensions are only by the
+            classes that remain. The result is the exact search's on those pruned log-probs (apart from the order
+            among tied candidates), so scores sum over the paths through the kept classes only.
 
     Returns:
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
@@ -260,9 +274,13 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
     log_probs = _blank_after_end(log_probs, input_lengths.to(log_probs.device), blank)
     beams = _initial_beams(batch, beam_width, log_probs, fusion)
     history = []
-    for t in range(num_frames):
-        beams, parent, label = _step(beams, log_probs[t], blank, fusion)
-        history.append((parent, label))
+    if token_min_logp is None:
+        for t in range(num_frames):
+            beams, parent, label = _step(beams, log_probs[t], blank, fusion)
+            history.append((parent, label))
+    else:
+        frames = _prune_frames(log_probs, blank, token_min_logp)
+        beams = _search_pruned(beams, frames, blank, fusion, history)
     totals = torch.logaddexp(beams.p_blank, beams.p_label)
     ranking = totals if fusion is None else totals + _final_prior(beams, fusion)
     best = ranking.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
@@ -273,6 +291,10 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         found = ranking.gather(1, best[:, None]) > float("-inf")
         keep &= found
         scores = torch.where(found[:, 0], scores, float("-inf"))
+    if token_min_logp is not None:  # back to the input's line order
+        unsort = torch.empty_like(frames.lines).scatter_(0, frames.lines, torch.arange(batch, device=path.device))
+        path, keep = path[unsort], keep[unsort]
+        scores = scores[unsort] + frames.skipped_log_prob
     return Decoded(_compact(path, keep), scores)
 
 
@@ -287,6 +309,124 @@ def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Te
     certain_blank = torch.full((num_classes,), float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
     certain_blank[blank] = 0.0
     return torch.where(after_end[..., None], certain_blank, log_probs)
+
+
+class _Candidates(NamedTuple):
+    """One frame's candidate classes in a pruned search, ``N`` per line (see :func:`_prune_frames`).
+
+    ``classes``: ``(B, N)`` int64, first the line's candidates (the blank and the classes that survived the
+    pruning) in ascending order, then other classes; ``lookup``: the same with those others replaced by ``C``,
+    so each row is sorted; ``log_probs``: ``(B, N)`` float the classes' log-probs (``-inf`` for the others);
+    ``blank_column``: ``(B, 1)`` int64 the blank's column; ``after_blank``: ``(B, 1)`` bool, a skipped certain
+    blank came before this frame.
+    """
+
+    classes: Tensor
+    lookup: Tensor
+    log_probs: Tensor
+    blank_column: Tensor
+    after_blank: Tensor
+
+    def rows(self, rows: int, columns: int) -> _Candidates:
+        """The first ``rows`` lines and ``columns`` candidates."""
+        return _Candidates(self.classes[:rows, :columns], self.lookup[:rows, :columns].contiguous(),  # searchsorted
+                           self.log_probs[:rows, :columns], self.blank_column[:rows], self.after_blank[:rows])
+
+
+class _PrunedFrames(NamedTuple):
+    """The frames a pruned search visits (:func:`_prune_frames`): ``T'`` steps, lines reordered.
+
+    ``lines``: ``(B,)`` int64 the input line in each row, the lines with more kept frames first.
+    ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then anything
+    (never read). ``candidates``: :class:`_Candidates` of every step, each field with a leading ``T'``.
+    ``num_candidates`` and ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the
+    rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the skipped
+    frames' blank log-probs summed.
+    """
+
+    lines: Tensor
+    log_probs: Tensor
+    candidates: _Candidates
+    num_candidates: list[int]
+    num_lines: list[int]
+    skipped_log_prob: Tensor
+
+
+def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _PrunedFrames:
+    """Prune classes below ``token_min_logp``, skip the frames that leave only the blank, and compact the rest.
+
+    A non-blank class below ``token_min_logp`` on a frame, unless it is that frame's most likely class, is set
+    to ``-inf`` (the blank is never pruned). A frame whose non-blank classes are then all ``-inf`` is a certain
+    blank up to its probability: every prefix stays, with all its mass in the ends-in-blank part, scaled by the
+    frame's blank probability. A second one right after it only scales again, by the same factor for every
+    prefix of the line, which changes no ranking. So such frames are skipped, each run of them leaving a flag on
+    the next kept frame (:func:`_step` applies it) and its log-probs in ``skipped_log_prob``. The
+    search on the kept frames is the search on the pruned log-probs of all frames. Frames after a line's end
+    (certain blanks with log-prob 0, :func:`_blank_after_end`) are skipped alike, and so are the certain blanks
+    after a line's last kept frame: they change no total.
+
+    The rows are sorted by their number of kept frames, so that the lines still running at a step are the first
+    ``num_lines[t]``, and each row's kept frames gathered to the front, all at once (no loop over lines). The one
+    host sync reads the step, candidate and line counts.
+
+    Args:
+        log_probs: ``(T, B, C)`` float log-probabilities, frames after each line's end certain blanks.
+        blank: index of the blank class.
+        token_min_logp: log-probability below which a class is pruned.
+    """
+    num_frames, batch, num_classes = log_probs.shape
+    is_blank = torch.arange(num_classes, device=log_probs.device) == blank
+    kept = (log_probs >= token_min_logp) | is_blank
+    kept.scatter_(2, log_probs.argmax(2, keepdim=True), True)
+    log_probs = log_probs.masked_fill(~kept, float("-inf"))
+    candidate = (log_probs > float("-inf")) | is_blank  # (T, B, C)
+    num_candidates = candidate.sum(2)  # (T, B)
+    certain_blank = num_candidates == 1
+    skipped_log_prob = torch.where(certain_blank, log_probs[..., blank], 0.0).sum(0)
+    after_blank = F.pad(certain_blank[:-1], (0, 0, 1, 0), value=False)
+
+    # Row r holds line lines[r]; its t-th kept frame is frame frames[t, r]. Entries past a row's kept frames
+    # (padding) are never read: step t runs on the rows with a kept frame t only, the first num_lines[t].
+    num_kept, lines = (~certain_blank).sum(0).sort(descending=True, stable=True)  # (B,)
+    frames = torch.sort(certain_blank[:, lines].T.to(torch.uint8), dim=1, stable=True).indices.T  # (T, B)
+    padding = torch.arange(num_frames, device=log_probs.device)[:, None] >= num_kept  # (T, B)
+    num_candidates = num_candidates[:, lines].gather(0, frames).masked_fill(padding, 1)
+    most = num_candidates.amax(1) if batch else num_candidates.new_zeros(num_frames)
+    counts = torch.cat([(~padding).sum(1), most]).tolist()  # the one host sync
+    num_lines = [rows for rows in counts[:num_frames] if rows]
+    num_steps = len(num_lines)
+    num_candidates = counts[num_frames : num_frames + num_steps]
+
+    rows = (frames[:num_steps] * batch + lines).view(-1)  # into (T * B, C)
+    log_probs = log_probs.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
+    candidate = candidate.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
+    after_blank = after_blank[:, lines].gather(0, frames[:num_steps])
+    # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
+    rank = torch.arange(num_classes, 0, -1, device=log_probs.device)
+    rank, classes = torch.where(candidate, rank, -rank).topk(max(num_candidates, default=1), dim=2)
+    lookup = classes.masked_fill(rank < 0, num_classes)
+    candidates = _Candidates(classes, lookup, log_probs.gather(2, classes), (lookup < blank).sum(2, keepdim=True),
+                             after_blank[..., None])
+    return _PrunedFrames(lines, log_probs, candidates, num_candidates, num_lines, skipped_log_prob)
+
+
+def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fusion | None,
+                   history: list[tuple[Tensor, Tensor]]) -> _Beams:
+    """Run the search over ``frames`` (:func:`_prune_frames`), the beams' rows in ``frames.lines`` order.
+
+    At step ``t`` only the first ``num_lines[t]`` rows have a frame left; the others are set aside, final.
+    Appends each step's ``(parent, label)`` ``(num_lines[t], K)`` to ``history``; returns all rows' beams.
+    """
+    done = []
+    for t, (num_candidates, rows) in enumerate(zip(frames.num_candidates, frames.num_lines)):
+        if rows < beams.last.shape[0]:
+            done.append(_Beams(*(None if field is None else field[rows:] for field in beams)))
+            beams = _Beams(*(None if field is None else field[:rows] for field in beams))
+        candidates = _Candidates(*(field[t] for field in frames.candidates)).rows(rows, num_candidates)
+        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion, candidates)
+        history.append((parent, label))
+    done.append(beams)
+    return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1]) for parts in zip(*done)))
 
 
 def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
@@ -308,57 +448,85 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
     return torch.where(accepted, beams.prior + fusion.lm_end[beams.lm_state], float("-inf"))
 
 
-def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None) -> tuple[_Beams, Tensor, Tensor]:
+def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
+          candidates: _Candidates | None = None) -> tuple[_Beams, Tensor, Tensor]:
     """Advance every beam by one frame.
 
-    Candidates are indexed flat as ``slot * C + class``: class ``c != blank`` is the extension
-    ``p + c`` of the prefix ``p`` in that slot, and the blank column stands for ``p`` unchanged.
+    Candidates are indexed flat as ``slot * N + j``: column ``j`` of a slot holding prefix ``p`` is the
+    extension ``p + c`` by the ``j``-th candidate class ``c``, except the blank's column, which stands for ``p``
+    unchanged. Without ``candidates`` every class is a candidate (``N = C``, ``c = j``).
 
     Args:
         beams: current ``K`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
         fusion: priors to rank by and the lexicon to obey, or None.
+        candidates: each line's candidate classes of a pruned search (:class:`_Candidates`), or None for all
+            ``C``. Where skipped certain blanks came before the frame (``candidates.after_blank``), all mass of
+            the line's prefixes first moves into their ends-in-blank part.
 
     Returns:
         ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
         from and the label it appended (``blank`` if it is its parent unchanged).
     """
     batch, width = beams.last.shape
-    num_classes = log_probs.shape[1]
     total = torch.logaddexp(beams.p_blank, beams.p_label)  # (B, K)
+    p_blank, p_label = beams.p_blank, beams.p_label
+    if candidates is not None:
+        after_blank = candidates.after_blank
+        p_blank, p_label = torch.where(after_blank, total, p_blank), p_label.masked_fill(after_blank, float("-inf"))
     has_last = beams.last >= 0
     last = torch.where(has_last, beams.last, blank)  # the empty prefix points at its own blank column
     last_log_prob = log_probs.gather(1, last)
 
-    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label.
+    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label (the empty prefix's p_label is -inf).
     stay_blank = total + log_probs[:, blank, None]
-    stay_label = torch.where(has_last, beams.p_label + last_log_prob, float("-inf"))
+    stay_label = p_label + last_log_prob
 
     # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
-    extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
-    extend.scatter_(2, last[..., None], (beams.p_blank + last_log_prob)[..., None])
-    if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
-        lexicon_next = fusion.lexicon.next_state[beams.lexicon_state]  # (B, K, C)
-        extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
-    extend = extend.view(batch, width * num_classes)
-    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, last, extend, blank))
-
-    is_stay = torch.arange(num_classes, device=last.device) == blank
-    stay_total = torch.logaddexp(stay_blank, stay_label)
-    scores = torch.where(is_stay, stay_total[..., None], extend.view(batch, width, num_classes))
-    scores = scores.view(batch, width * num_classes)
-    if fusion is None:
-        chosen = _top_k_first(scores, width)
+    if candidates is None:
+        classes, num_candidates = None, log_probs.shape[1]
+        extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
+        extend.scatter_(2, last[..., None], (p_blank + last_log_prob)[..., None])
+        last_column, stay_column = beams.last, blank
     else:
-        candidate_prior = beams.prior[..., None] + fusion.step[beams.lm_state]  # (B, K, C); blank column: + 0
-        candidate_prior = candidate_prior.view(batch, width * num_classes)
-        chosen = _top_k_first(scores + candidate_prior, width)
-    parent, label = chosen // num_classes, chosen % num_classes
+        classes, stay_column = candidates.classes, candidates.blank_column
+        num_candidates = classes.shape[1]
+        extend = total[..., None] + candidates.log_probs[:, None, :]  # (B, K, N)
+        last_column = torch.searchsorted(candidates.lookup, last).clamp_(max=num_candidates - 1)
+        listed = candidates.lookup.gather(1, last_column) == last  # else the repeat was pruned
+        extend.scatter_(2, torch.where(listed, last_column, stay_column)[..., None],  # the stay column: overwritten
+                        (p_blank + last_log_prob)[..., None])
+        last_column = last_column.masked_fill(~(listed & has_last), -1)
+    if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
+        lexicon_next = _candidate_columns(fusion.lexicon.next_state, beams.lexicon_state, classes)  # (B, K, N)
+        extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
+    extend = extend.view(batch, width * num_candidates)
+    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, extend, last_column, stay_column))
+
+    # The stay columns become the prefixes unchanged: scores is extend, with them written in.
+    stay_total = torch.logaddexp(stay_blank, stay_label)
+    scores = extend.view(batch, width, num_candidates)
+    if classes is None:
+        scores[:, :, blank] = stay_total
+    else:
+        scores.scatter_(2, stay_column[:, None, :].expand(-1, width, -1), stay_total[..., None])
+    scores = extend
+    if fusion is not None:  # the blank columns of the step table are 0
+        candidate_prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
+        candidate_prior = candidate_prior.view(batch, width * num_candidates)
+        ranking = scores + candidate_prior
+    else:
+        ranking = scores
+    chosen = _top_k_first(ranking, width) if candidates is None else _top_k_ranked(ranking, width)
+    parent = chosen // num_candidates
+    label = chosen - parent * num_candidates
+    if classes is not None:
+        label = classes.gather(1, label)
     extended = label != blank
     parent_key = beams.key.gather(1, parent)
     new_beams = _Beams(
-        p_blank=torch.where(extended, float("-inf"), stay_blank.gather(1, parent)),
+        p_blank=stay_blank.gather(1, parent).masked_fill(extended, float("-inf")),
         p_label=torch.where(extended, scores.gather(1, chosen), stay_label.gather(1, parent)),
         last=torch.where(extended, label, beams.last.gather(1, parent)),
         key=torch.where(extended, _extend_hash(parent_key, label), parent_key),
@@ -367,38 +535,55 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
     if fusion is not None:  # the blank columns of the tables keep the state, so stays need no special case
         new_beams = new_beams._replace(
             prior=candidate_prior.gather(1, chosen),
-            lm_state=fusion.lm_next[beams.lm_state.gather(1, parent), label],
-            lexicon_state=fusion.lexicon.next_state[beams.lexicon_state.gather(1, parent), label],
+            lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
+            lexicon_state=_next_state(fusion.lexicon.next_state, beams.lexicon_state.gather(1, parent), label),
         )
     return new_beams, parent, label
 
 
-def _merge_duplicates(beams: _Beams, total: Tensor, last: Tensor, extend: Tensor, blank: int) -> Tensor:
+def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
+    """``table[state, label]`` for ``(S, C)`` ``table`` and ``state``, ``label`` of one shape, as one flat take."""
+    return table.take(state * table.shape[1] + label)
+
+
+def _candidate_columns(table: Tensor, state: Tensor, classes: Tensor | None) -> Tensor:
+    """``(B, K, N)`` the candidate classes' columns of ``table`` ``(S, C)`` at each prefix's ``state``
+    ``(B, K)``: all ``C`` columns without ``classes``, else those of ``classes`` ``(B, N)``."""
+    rows = table.index_select(0, state.view(-1)).view(*state.shape, table.shape[1])
+    if classes is None:
+        return rows
+    return rows.gather(2, classes[:, None, :].expand(-1, state.shape[1], -1))
+
+
+def _merge_duplicates(beams: _Beams, total: Tensor, extend: Tensor, last_column: Tensor,
+                      stay_column: Tensor | int) -> Tensor:
     """Take the extensions ``p + c`` that equal a live prefix ``q`` of the beam out of ``extend``.
 
     Live prefixes are distinct, so each live ``q`` has at most one live parent ``p`` in the beam,
     found by ``key(p) == parent_key(q)``; its extension by ``last(q)`` is set to ``-inf`` in place.
 
     Args:
-        beams: current prefixes; ``total`` ``(B, K)`` their log-probs, ``last`` ``(B, K)`` int64
-            their last labels (``blank`` for the empty prefix).
-        extend: ``(B, K * C)`` float ends-in-label log-probs of the extensions, flat by ``slot * C + c``.
-        blank: index of the blank class.
+        beams: current prefixes; ``total`` ``(B, K)`` their log-probs.
+        extend: ``(B, K * N)`` float ends-in-label log-probs of the extensions, flat by ``slot * N + j``.
+        last_column: ``(B, K)`` int64 the candidate column of each prefix's last label, ``-1`` for the empty
+            prefix and for a last label that is no candidate (its extension is ``-inf``).
+        stay_column: the blank's column, an int or ``(B, 1)`` int64 per line.
 
     Returns:
         ``(B, K)`` float log-prob each prefix receives from its parent's extension (``-inf`` if none).
     """
-    width = last.shape[1]
-    num_classes = extend.shape[1] // width
+    width = total.shape[1]
+    num_candidates = extend.shape[1] // width
     alive = total > float("-inf")
-    is_parent = beams.parent_key[:, :, None] == beams.key[:, None, :]  # (B, Kq, Kp)
-    is_parent &= (alive & (beams.last >= 0))[:, :, None] & alive[:, None, :]
-    has_parent, parent_slot = is_parent.to(torch.uint8).max(2)  # one pass; the index is the first maximum
-    has_parent = has_parent.bool()
-    own_blank = torch.arange(width, device=last.device) * num_classes + blank
-    twin = torch.where(has_parent, parent_slot * num_classes + last, own_blank)  # (B, Kq)
-    incoming = torch.where(has_parent, extend.gather(1, twin), float("-inf"))
-    extend.scatter_(1, twin, float("-inf"))  # own blank columns are overwritten by the caller
+    # Look every parent key up among the live keys, sorted (keys are >= 0, dead slots -1): O(K log K), not K^2.
+    live_keys, slot_of = torch.where(alive, beams.key, -1).sort(1)
+    found = torch.searchsorted(live_keys, beams.parent_key).clamp_(max=width - 1)
+    has_parent = (live_keys.gather(1, found) == beams.parent_key) & alive & (last_column >= 0)
+    parent_slot = slot_of.gather(1, found)
+    own_stay = torch.arange(width, device=total.device) * num_candidates + stay_column
+    twin = torch.where(has_parent, parent_slot * num_candidates + last_column, own_stay)  # (B, Kq)
+    incoming = extend.gather(1, twin).masked_fill(~has_parent, float("-inf"))
+    extend.scatter_(1, twin, float("-inf"))  # own stay columns are overwritten by the caller
     return incoming
 
 
@@ -416,6 +601,24 @@ def _top_k_first(scores: Tensor, k: int) -> Tensor:
     return slot.new_zeros(scores.shape[0], k + 1).scatter_(1, slot, positions)[:, :k]
 
 
+def _top_k_ranked(scores: Tensor, k: int) -> Tensor:
+    """Indices ``(B, k)`` int64 of the ``k`` largest of ``scores`` ``(B, N)``, largest first, ties to the lower
+    index: the same set as :func:`_top_k_first`, ordered by rank, in one :func:`torch.topk` for float32.
+
+    A float32's bits, read as an int32 and with the magnitude bits of negative numbers flipped, order like the
+    float (``-0.0`` just below ``0.0``); shifted up 32 bits with ``N - 1 - index`` below them, every key is
+    distinct, larger for a larger score and, among equal ones, for a lower index. Other dtypes fall back to
+    :func:`_top_k_first`.
+    """
+    if scores.dtype != torch.float32:
+        return _top_k_first(scores, k)
+    bits = scores.contiguous().view(torch.int32)
+    bits = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    last_index = scores.shape[1] - 1
+    keys = (bits << 32) | torch.arange(last_index, -1, -1, device=scores.device)
+    return last_index - (keys.topk(k, dim=1).values & 0xFFFFFFFF)
+
+
 def _extend_hash(key: Tensor, label: Tensor) -> Tensor:
     """Key of a prefix extended by ``label``: two polynomial hashes mod ``2**31 - 1``, packed.
 
@@ -429,14 +632,16 @@ def _extend_hash(key: Tensor, label: Tensor) -> Tensor:
 def _backtrack(history: list[tuple[Tensor, Tensor]], slot: Tensor, blank: int) -> Tensor:
     """Labels appended along the way to ``slot`` ``(B,)``, as ``(B, T)`` int64 with ``blank`` for stays.
 
-    ``history`` holds per frame the ``(parent, label)`` ``(B, K)`` returned by :func:`_step`.
+    ``history`` holds per frame the ``(parent, label)`` ``(B', K)`` returned by :func:`_step` for the first
+    ``B' <= B`` rows; the others stay in their slot that frame.
     """
     path = slot.new_full((slot.shape[0], len(history)), blank)
-    slot = slot[:, None]
+    slot = slot[:, None].clone()
     for t in range(len(history) - 1, -1, -1):
         parent, label = history[t]
-        path[:, t] = label.gather(1, slot)[:, 0]
-        slot = parent.gather(1, slot)
+        rows = label.shape[0]
+        path[:rows, t] = label.gather(1, slot[:rows])[:, 0]
+        slot[:rows] = parent.gather(1, slot[:rows])
     return path
 
 

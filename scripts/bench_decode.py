@@ -6,18 +6,22 @@ Example::
     python scripts/bench_decode.py --checkpoint last.ckpt --data /tmp/codes/test --lm codes.arpa \
         --lexicon codes.txt --lexicon-mode line --beam-widths 10 50
 
-Without ``--checkpoint``: random log-probs, our decoders timed against pyctcdecode without LM, whose pruning is
-made permissive so that it, like ours, considers every class at every frame: ``token_min_logp=-inf`` (no class
-is skipped) and ``beam_prune_logp=-inf`` (no beam is dropped for trailing the best by a margin).
+Without ``--checkpoint``: random log-probs, our decoders timed against pyctcdecode without LM, both with the same
+``--token-min-logp`` (default -5, pyctcdecode's; ``none``: no class is skipped, ``-inf`` for pyctcdecode) and
+pyctcdecode's beam pruning off (``beam_prune_logp=-inf``: no beam is dropped for trailing the best by a margin),
+as ours has none.
 
 With ``--checkpoint`` and ``--data`` (a ``gt.txt`` folder or LMDB directory): the model's log-probs of every
 line are computed once, then every decoder (greedy, beam, beam + LM, beam + lexicon, beam + LM + lexicon at each
 ``--beam-widths``; pyctcdecode without and with KenLM) decodes them all, and each gets CER, word accuracy
-(``1 - word edit distance / reference words``), line accuracy, lines/s of decoding alone, and the line error
-rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's score). pyctcdecode decodes with
-its default pruning and the same ARPA file through KenLM: every character is made its own "word" (labels
-``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and ``beta = --insertion-bonus``,
-the same fused score as ours. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
+(``1 - word edit distance / reference words``), line accuracy, lines/s of decoding alone (the median of
+``--repeats`` passes over the set), and the line error
+rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's score). Ours prune with
+``--token-min-logp`` (default -5; ``none``: the exact search). pyctcdecode decodes with its default pruning
+(``token_min_logp=-5``, ``beam_prune_logp=-10``) and the same ARPA file through KenLM: every character is made
+its own "word" (labels ``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and
+``beta = --insertion-bonus``, the same fused score as ours. pyctcdecode and kenlm are benchmark-only
+dependencies (skipped when missing).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from crnn.decoding import BeamSearchDecoder, Decoder, GreedyDecoder, beam_search, greedy_decode
 from crnn.lexicon import LEXICON_MODES
 from crnn.lm import SPACE
+from scripts.options import log_prob_or_none
 
 SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--token-min-logp", type=log_prob_or_none, default=-5.0, metavar="LOGP",
+                        help="our beam search's per-frame class pruning (default -5); 'none': every class")
     accuracy = parser.add_argument_group("accuracy on a labelled set (with --checkpoint)")
     accuracy.add_argument("--checkpoint", help="a training checkpoint: decode its log-probs of --data")
     accuracy.add_argument("--data", help="gt.txt folder or LMDB directory")
@@ -103,11 +110,11 @@ def pyctcdecode_decoder(labels: list[str]):
     return build_ctcdecoder(labels)
 
 
-def decode_with_pyctcdecode(decoder, log_probs: torch.Tensor, beam_width: int) -> list[str]:
+def decode_with_pyctcdecode(decoder, log_probs: torch.Tensor, beam_width: int, token_min_logp: float) -> list[str]:
     """Top text of each line of ``(T, B, C)`` log-probs, one ``decode_beams`` call per line."""
     return [
         decoder.decode_beams(
-            line, beam_width=beam_width, beam_prune_logp=float("-inf"), token_min_logp=float("-inf")
+            line, beam_width=beam_width, beam_prune_logp=float("-inf"), token_min_logp=token_min_logp
         )[0][0]
         for line in log_probs.transpose(0, 1).double().numpy()
     ]
@@ -152,6 +159,12 @@ def model_log_probs(args: argparse.Namespace):
     if isinstance(dataset, LmdbLines):
         dataset.close()
     return module, batches
+
+
+def median_pass(repeats: int, run: Callable[..., Scored], *args) -> Scored:
+    """``run(*args)`` ``repeats`` times (at least once): the last texts and scores, the median seconds."""
+    passes = [run(*args) for _ in range(max(1, repeats))]
+    return passes[-1]._replace(seconds=statistics.median(scored.seconds for scored in passes))
 
 
 def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
@@ -215,24 +228,28 @@ def accuracy_main(args: argparse.Namespace) -> None:
     module, batches = model_log_probs(args)
     charset = module.charset
     references = [label for batch in batches for label in batch.labels]
-    print(f"{args.data}: {len(references)} lines, decoders on {args.device}, torch_threads={torch.get_num_threads()}")
+    print(f"{args.data}: {len(references)} lines, decoders on {args.device}, torch_threads={torch.get_num_threads()}, "
+          f"our token_min_logp={args.token_min_logp}")
     print("| decoder | CER | word acc | line acc | lines/s | err@50% | err@80% | err@95% |")
     print("|---|---|---|---|---|---|---|---|")
-    fusion = dict(lm_weight=args.lm_weight, insertion_bonus=args.insertion_bonus, charset=charset)
-    runs: dict[str, Scored] = {"greedy": run_ours(GreedyDecoder(), batches, charset, args.device)}
+    fusion = dict(lm_weight=args.lm_weight, insertion_bonus=args.insertion_bonus, charset=charset,
+                  token_min_logp=args.token_min_logp)
+    runs: dict[str, Scored] = {"greedy": median_pass(args.repeats, run_ours, GreedyDecoder(), batches, charset,
+                                                     args.device)}
     print(accuracy_row("greedy", runs["greedy"], references), flush=True)
     for width in args.beam_widths:
-        decoders = {f"beam {width}": BeamSearchDecoder(width)}
+        decoders = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp)}
         if args.lm:
             decoders[f"beam {width} + char LM"] = BeamSearchDecoder(width, lm_path=args.lm, **fusion)
         if args.lexicon:
             decoders[f"beam {width} + lexicon"] = BeamSearchDecoder(
-                width, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, charset=charset)
+                width, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, charset=charset,
+                token_min_logp=args.token_min_logp)
         if args.lm and args.lexicon:
             decoders[f"beam {width} + char LM + lexicon"] = BeamSearchDecoder(
                 width, lm_path=args.lm, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, **fusion)
         for name, decoder in decoders.items():
-            runs[name] = run_ours(decoder, batches, charset, args.device)
+            runs[name] = median_pass(args.repeats, run_ours, decoder, batches, charset, args.device)
             print(accuracy_row(name, runs[name], references), flush=True)
         for lm in ([None, args.lm] if args.lm else [None]):
             theirs = pyctcdecode_char_decoder(charset, lm, args.lm_weight, args.insertion_bonus)
@@ -240,7 +257,7 @@ def accuracy_main(args: argparse.Namespace) -> None:
                 print(f"(pyctcdecode{' + kenlm' if lm else ''} not installed: skipped)")
                 continue
             name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm else "")
-            runs[name] = run_pyctcdecode(theirs, batches, width)
+            runs[name] = median_pass(args.repeats, run_pyctcdecode, theirs, batches, width)
             print(accuracy_row(name, runs[name], references), flush=True)
             ours = runs[f"beam {width} + char LM" if lm else f"beam {width}"]
             agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
@@ -263,13 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     lengths = torch.full((args.lines,), args.frames, dtype=torch.int64, device=args.device)
     print(
         f"B={args.lines} T={args.frames} C={args.classes} beam_width={args.beam_width} "
-        f"device={args.device} torch_threads={torch.get_num_threads()}"
+        f"device={args.device} torch_threads={torch.get_num_threads()} token_min_logp={args.token_min_logp}"
     )
 
     greedy_s, _ = median_seconds(lambda: greedy_decode(on_device, lengths, args.blank), args.repeats, args.device)
     report("greedy_decode", greedy_s, args.lines)
     beam_s, (ours, _) = median_seconds(
-        lambda: beam_search(on_device, lengths, args.beam_width, args.blank), args.repeats, args.device
+        lambda: beam_search(on_device, lengths, args.beam_width, args.blank, token_min_logp=args.token_min_logp),
+        args.repeats, args.device
     )
     report("beam_search (ours)", beam_s, args.lines)
 
@@ -279,7 +297,9 @@ def main(argv: list[str] | None = None) -> None:
         print("pyctcdecode is not installed (pip install pyctcdecode): skipped the comparison")
         return
     theirs_s, theirs = median_seconds(
-        lambda: decode_with_pyctcdecode(decoder, log_probs, args.beam_width), args.repeats, "cpu"
+        lambda: decode_with_pyctcdecode(decoder, log_probs, args.beam_width,
+                                        float("-inf") if args.token_min_logp is None else args.token_min_logp),
+        args.repeats, "cpu"
     )
     report("pyctcdecode (no LM)", theirs_s, args.lines)
     ours_text = ["".join(labels[c] for c in labelling) for labelling in ours]

@@ -20,11 +20,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def log_prob_or_none(text: str) -> float | None:
+    """``argparse`` type: a log-probability (a number <= 0, ``-inf`` included) or ``none``."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a log-probability (<= 0) or 'none', got {text}")
+    return value
+
+
 def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """``--decoder``, ``--beam-width``, the beam search's LM / lexicon / allowed characters, ``--batch-size``
-    (default ``batch_size``) and ``--device``."""
+    """``--decoder``, ``--beam-width``, ``--token-min-logp``, the beam search's LM / lexicon / allowed characters,
+    ``--batch-size`` (default ``batch_size``) and ``--device``."""
     parser.add_argument("--decoder", choices=DECODERS, default="greedy")
     parser.add_argument("--beam-width", type=positive_int, default=10, help="prefixes kept per frame by --decoder beam")
+    parser.add_argument("--token-min-logp", type=log_prob_or_none, default=-5.0, metavar="LOGP",
+                        help="--decoder beam: per frame, skip classes below this log-prob (default -5, as "
+                             "pyctcdecode); 'none': the exact search over every class; -inf as --token-min-logp=-inf")
     fusion = parser.add_argument_group("beam search with a language model or lexicon (with --decoder beam)")
     fusion.add_argument("--lm", metavar="PATH", help="ARPA character n-gram model (scripts/train_char_lm.py)")
     fusion.add_argument("--lm-weight", type=float, default=0.5, metavar="W", help="weight of log P_lm (default 0.5)")
@@ -47,4 +60,5 @@ def decoder_from_args(args: argparse.Namespace, charset: Charset) -> Decoder:
         return GreedyDecoder()
     return BeamSearchDecoder(args.beam_width, lm_path=args.lm, lm_weight=args.lm_weight,
                              insertion_bonus=args.insertion_bonus, lexicon_path=args.lexicon,
-                             lexicon_mode=args.lexicon_mode, allow=args.allow, charset=charset)
+                             lexicon_mode=args.lexicon_mode, allow=args.allow, charset=charset,
+                             token_min_logp=args.token_min_logp)

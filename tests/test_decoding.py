@@ -1,5 +1,7 @@
 """Greedy and prefix-beam CTC decoding against hand-worked cases and brute-force enumeration."""
 
+import argparse
+import functools
 import math
 
 import pytest
@@ -217,7 +219,8 @@ def test_empty_batch_and_zero_frames():
     assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("decode", [greedy_decode, beam_search], ids=["greedy", "beam"])
+@pytest.mark.parametrize("decode", [greedy_decode, beam_search, functools.partial(beam_search, token_min_logp=-1.0)],
+                         ids=["greedy", "beam", "beam pruned"])
 def test_no_host_sync_per_time_step(decode):
     """Decoding reads tensor values back to Python (a host sync on CUDA) a fixed number of times, whatever T."""
 
@@ -225,6 +228,113 @@ def test_no_host_sync_per_time_step(decode):
         decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+# ---------------------------------------------------------------- pruning (token_min_logp)
+
+
+def pruned(log_probs, threshold, blank):
+    """``log_probs`` ``(T, B, C)`` with every non-blank class below ``threshold`` set to ``-inf``, unless it is its
+    frame's most likely class: the rule :func:`beam_search` prunes by, written out frame by frame."""
+    out = log_probs.clone()
+    for t in range(log_probs.shape[0]):
+        for b in range(log_probs.shape[1]):
+            row = log_probs[t, b].tolist()
+            top = row.index(max(row))
+            for c, value in enumerate(row):
+                if c != blank and c != top and value < threshold:
+                    out[t, b, c] = -math.inf
+    return out
+
+
+def sparse_log_probs(shape, seed, blank, blank_only=0.4):
+    """``(T, B, C)`` float64 log-values where every class is either above -30 or ``-inf``: per frame the blank and
+    a random subset of the other classes, and with probability ``blank_only`` the blank alone with a log-value
+    below 0 (not normalised: a frame that a pruned search skips, yet multiplies every path by its blank)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator, dtype=torch.float64) * 1.5 - 1.0
+    keep = torch.rand(shape, generator=generator) < 0.6
+    keep[..., blank] = True
+    keep &= ~((torch.rand(shape[:2], generator=generator) < blank_only)[..., None] & (torch.arange(shape[2]) != blank))
+    return values.masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_pruned_search_with_an_unbounded_beam_finds_the_exhaustive_argmax(blank, seed):
+    """Where pruning cuts nothing (every class above the threshold or -inf), the pruned search, which also skips the
+    blank-only frames and extends by the surviving classes only, still finds the most probable labelling of the
+    exhaustive enumeration, with its exact log-probability (the skipped frames' blank log-values included)."""
+    log_probs = sparse_log_probs((6, 4, 4), seed, blank)
+    lengths = torch.tensor([6, 5, 2, 0])
+    labellings, scores = beam_search(log_probs, lengths, unbounded(6, 4), blank=blank, token_min_logp=-30.0)
+    for b, length in enumerate(lengths.tolist()):
+        totals = bf.labelling_log_probs(log_probs[:length, b], blank)
+        best = max(totals, key=totals.get)
+        assert labellings[b] == list(best)
+        assert scores[b].item() == pytest.approx(totals[best], abs=1e-9)
+
+
+@pytest.mark.parametrize("blank", [0, 2])
+def test_pruned_fused_search_with_an_unbounded_beam_finds_the_exhaustive_argmax(blank):
+    charset = Charset("ab ", blank=blank)
+    lexicon = Lexicon(["a", "ab", "ba", "b"], "word")
+    fusion = Fusion.build(charset, witten_bell(TOY_CORPUS, order=3), 0.8, 0.4, lexicon)
+    log_probs = sparse_log_probs((6, 5, 4), seed=blank, blank=blank)
+    lengths = torch.tensor([6, 6, 4, 1, 0])
+    labellings, scores = beam_search(log_probs, lengths, unbounded(6, 4), blank, fusion, token_min_logp=-30.0)
+    for b, length in enumerate(lengths.tolist()):
+        text, log_p = exhaustive_best(log_probs[:length, b], charset, witten_bell(TOY_CORPUS, order=3), 0.8, 0.4,
+                                      allowed=lexicon.__contains__)
+        assert charset.decode(labellings[b]) == text
+        assert scores[b].item() == pytest.approx(log_p, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("beam_width", "blank", "threshold"),
+                         [(1, 0, -1.0), (3, 2, -2.0), (6, 4, -3.0), (6, 0, -math.inf)])
+def test_pruned_search_is_the_exact_search_on_the_pruned_log_probs(beam_width, blank, threshold, dtype):
+    """Narrow beams on random (not peaky) log-probs: pruning changes the result only through the classes it cuts."""
+    log_probs = random_log_probs((12, 7, 5), seed=beam_width, scale=2.0, dtype=dtype)
+    lengths = torch.tensor([12, 11, 9, 5, 1, 0, 12])
+    charset = Charset("abcd", blank=blank)
+    lm_fusion = Fusion.build(charset, witten_bell(["ab cd", "dab", "a", "bad"], 3), 0.7, 0.3,
+                             Lexicon(["ab", "cd", "dab", "a"]))
+    for fusion in (None, lm_fusion):
+        got = beam_search(log_probs, lengths, beam_width, blank, fusion, token_min_logp=threshold)
+        expected = beam_search(pruned(log_probs, threshold, blank), lengths, beam_width, blank, fusion)
+        assert got.labels == expected.labels
+        torch.testing.assert_close(got.scores, expected.scores)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pruning_keeps_the_best_text_on_peaky_log_probs(seed):
+    """On peaky log-probs (frames mostly a near-certain blank or label) pruning at pyctcdecode's -5 skips many
+    frames and classes, and every line's text is still the unpruned search's."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(32, 64, 11, generator=generator) * 5.0
+    logits[..., 0] += 15.0 * (torch.rand(32, 64, generator=generator) < 0.6)  # most frames: a near-certain blank
+    log_probs = logits.log_softmax(-1)
+    lengths = torch.randint(1, 33, (64,), generator=generator)
+    assert (log_probs[..., 1:] < -5).all(-1).float().mean() > 0.3  # the pruning has frames to skip
+    for beam_width in (4, 10):
+        assert beam_search(log_probs, lengths, beam_width, token_min_logp=-5.0).labels == \
+            beam_search(log_probs, lengths, beam_width).labels
+
+
+def test_pruned_search_edge_cases():
+    """No lines, no frames, only blank-only frames (the score: their blank log-probs summed), half precision."""
+    assert beam_search(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.int64), token_min_logp=-5.0)[0] == []
+    labellings, scores = beam_search(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64), token_min_logp=-5.0)
+    assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
+    blanks = torch.tensor([0.99, 0.005, 0.003, 0.002]).log().expand(5, 2, 4)
+    labellings, scores = beam_search(blanks, torch.tensor([5, 2]), 3, token_min_logp=-5.0)
+    assert labellings == [[], []]
+    torch.testing.assert_close(scores, torch.tensor([5, 2]) * math.log(0.99))
+    log_probs = random_log_probs((6, 4, 5), seed=3, dtype=torch.float32)
+    labellings, scores = beam_search(log_probs.half(), torch.tensor([6, 6, 2, 5]), 4, token_min_logp=-2.0)
+    assert scores.dtype == torch.float32
+    assert labellings == beam_search(pruned(log_probs.half().float(), -2.0, 0), torch.tensor([6, 6, 2, 5]), 4).labels
 
 
 # ---------------------------------------------------------------- fusion: LM, insertion bonus, lexicon, allow
@@ -373,6 +483,34 @@ def test_beam_lm_config_builds_a_fused_decoder_that_a_module_binds(tmp_path):
         BeamSearchDecoder(allow=123)
 
 
+def test_beam_configs_prune_at_minus_5_and_null_is_the_exact_search():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    for name in ("beam", "beam_lm"):
+        config = OmegaConf.load(f"conf/decoder/{name}.yaml")
+        assert instantiate(config).token_min_logp == -5.0
+        config.token_min_logp = None
+        assert instantiate(config).token_min_logp is None
+    with pytest.raises(ValueError, match="token_min_logp"):
+        BeamSearchDecoder(token_min_logp=1.0)
+
+
+def test_token_min_logp_command_line_option():
+    from scripts.options import add_recognition_arguments, decoder_from_args
+
+    parser = argparse.ArgumentParser()
+    add_recognition_arguments(parser, batch_size=8)
+    assert parser.parse_args([]).token_min_logp == -5.0
+    assert parser.parse_args(["--token-min-logp=-inf"]).token_min_logp == -math.inf
+    args = parser.parse_args(["--decoder", "beam", "--token-min-logp", "none"])
+    assert decoder_from_args(args, Charset("ab")).token_min_logp is None
+    args = parser.parse_args(["--decoder", "beam", "--token-min-logp", "-8"])
+    assert decoder_from_args(args, Charset("ab")).token_min_logp == -8.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--token-min-logp", "0.5"])
+
+
 def test_fused_decoder_needs_a_charset(tmp_path):
     witten_bell(TOY_CORPUS, 2).write_arpa(tmp_path / "lm.arpa")
     decoder = BeamSearchDecoder(4, lm_path=str(tmp_path / "lm.arpa"))
@@ -385,7 +523,8 @@ def test_fused_decoder_needs_a_charset(tmp_path):
 # ---------------------------------------------------------------- decoder objects
 
 
-@pytest.mark.parametrize("decoder", [GreedyDecoder(), BeamSearchDecoder(beam_width=3)], ids=repr)
+@pytest.mark.parametrize("decoder", [GreedyDecoder(), BeamSearchDecoder(beam_width=3),
+                                     BeamSearchDecoder(beam_width=3, token_min_logp=None)], ids=repr)
 def test_decoder_objects_return_the_functions_labels_and_scores(decoder):
     log_probs = random_log_probs((9, 4, 5), seed=2)
     lengths = torch.tensor([9, 5, 1, 0])
@@ -393,7 +532,7 @@ def test_decoder_objects_return_the_functions_labels_and_scores(decoder):
     if isinstance(decoder, GreedyDecoder):
         expected = greedy_decode(log_probs, lengths, blank=1)
     else:
-        expected = beam_search(log_probs, lengths, beam_width=3, blank=1)
+        expected = beam_search(log_probs, lengths, beam_width=3, blank=1, token_min_logp=decoder.token_min_logp)
     assert isinstance(decoded, Decoded) and decoded.labels == expected.labels
     torch.testing.assert_close(decoded.scores, expected.scores)
 

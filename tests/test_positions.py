@@ -46,7 +46,7 @@ def test_characters_get_their_viterbi_frames_in_original_pixels_and_posterior_we
     log_probs = frame_log_probs([[1, 1, 0, 3, 2, 0], [0, 2, 2, 0, 0, 0]])
     module = FixedModule(log_probs, charset)
     images = [torch.zeros(1, 32, 24), torch.zeros(1, 32, 24)]
-    lines = recognize_with_positions(module, images, [60, 24], BeamSearchDecoder(364))  # every prefix: exact
+    lines = recognize_with_positions(module, images, [60, 24], BeamSearchDecoder(364, token_min_logp=None))  # exact
     assert [line.text for line in lines] == ["a b", "b"]
     assert [(box.text, box.x0, box.x1) for box in lines[0].chars] == [("a", 0, 20), (" ", 30, 40), ("b", 40, 50)]
     assert [(box.text, box.x0, box.x1) for box in lines[1].chars] == [("b", 4, 12)]
