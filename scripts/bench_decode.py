@@ -215,7 +215,7 @@ def accuracy_row(name: str, scored: Scored, references: list[str]) -> str:
             f"{len(references) / scored.seconds:,.0f} | " + " | ".join(f"{r:.4f}" for r in risks) + " |")
 
 
-def fused_decoders(charset, lm: NgramLM | None, lexicon: Lexicon | None, weights: list[float],
+def compared_fusions(charset, lm: NgramLM | None, lexicon: Lexicon | None, weights: list[float],
                    bonuses: list[float]) -> dict[str, Fusion]:
     """The fusions the accuracy table compares, by row name: ``char LM``, ``lexicon`` (no LM, no bonus) and
     ``char LM + lexicon``, the LM ones at every ``(weight, bonus)`` pair (named ``... (w=W, b=B)`` when there are
@@ -245,8 +245,8 @@ def accuracy_main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     lm = NgramLM.read_arpa(args.lm) if args.lm else None
     lexicon = Lexicon.from_file(args.lexicon, args.lexicon_mode) if args.lexicon else None
-    fusions = {name: fusion.to(module.device, torch.float32)
-               for name, fusion in fused_decoders(charset, lm, lexicon, args.lm_weight, args.insertion_bonus).items()}
+    compared = compared_fusions(charset, lm, lexicon, args.lm_weight, args.insertion_bonus)
+    fusions = {name: fusion.to(module.device, torch.float32) for name, fusion in compared.items()}
     if fusions:
         sizes = [f"LM {next(iter(fusions.values())).step.shape[0]:,} states" if lm else "",
                  f"lexicon {fusions['lexicon'].lexicon.next_state.shape[0]:,} trie nodes" if lexicon else ""]

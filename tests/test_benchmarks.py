@@ -58,7 +58,7 @@ def test_bench_decode_tuning_grid_equals_fusion_build_at_every_pair(blank):
     lm = witten_bell(["ab a", "b ab", "a"], order=3)
     lexicon = Lexicon(["a", "ab"], "word")
     weights, bonuses = [0.3, 1.0], [0.0, 0.5, -1.0]
-    fusions = bench.fused_decoders(charset, lm, lexicon, weights, bonuses)
+    fusions = bench.compared_fusions(charset, lm, lexicon, weights, bonuses)
     expected = {"lexicon": Fusion.build(charset, lexicon=lexicon)}
     for weight in weights:
         for bonus in bonuses:
@@ -68,5 +68,5 @@ def test_bench_decode_tuning_grid_equals_fusion_build_at_every_pair(blank):
     assert set(fusions) == set(expected)
     for name, fusion in fusions.items():
         assert same(fusion, expected[name]), name
-    single = bench.fused_decoders(charset, lm, None, [0.5], [0.0])
+    single = bench.compared_fusions(charset, lm, None, [0.5], [0.0])
     assert list(single) == ["char LM"]
