@@ -261,7 +261,8 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
         log-probabilities of those labellings summed over all their paths (exact whenever no path of the
         labelling was pruned, e.g. for a beam as wide as all prefixes). With a lexicon that no surviving
-        prefix satisfies (possible in ``line`` mode) a line gets the empty labelling and ``-inf``.
+        prefix satisfies a line gets the empty labelling and ``-inf``: in ``line`` mode, and in ``word`` mode
+        when a narrow beam keeps only prefixes that end inside a word.
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be positive, got {beam_width}")

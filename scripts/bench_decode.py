@@ -22,6 +22,10 @@ rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's sc
 its own "word" (labels ``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and
 ``beta = --insertion-bonus``, the same fused score as ours. pyctcdecode and kenlm are benchmark-only
 dependencies (skipped when missing).
+
+Several ``--lm-weight`` and ``--insertion-bonus`` values make a grid, for tuning them on a validation set: every
+fused decoder runs at every ``(weight, bonus)`` pair, the LM and lexicon tables compiled once (pyctcdecode rows
+only with a single pair).
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from typing import NamedTuple
 import editdistance
 import torch
 
-from crnn.decoding import BeamSearchDecoder, Decoder, GreedyDecoder, beam_search, greedy_decode
-from crnn.lexicon import LEXICON_MODES
-from crnn.lm import SPACE
+from crnn.decoding import BeamSearchDecoder, Decoder, Fusion, GreedyDecoder, beam_search, greedy_decode
+from crnn.lexicon import LEXICON_MODES, Lexicon
+from crnn.lm import SPACE, NgramLM
 from scripts.options import log_prob_or_none
 
 SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
@@ -63,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accuracy.add_argument("--checkpoint", help="a training checkpoint: decode its log-probs of --data")
     accuracy.add_argument("--data", help="gt.txt folder or LMDB directory")
     accuracy.add_argument("--lm", help="ARPA character n-gram model")
-    accuracy.add_argument("--lm-weight", type=float, default=0.5)
-    accuracy.add_argument("--insertion-bonus", type=float, default=0.0)
+    accuracy.add_argument("--lm-weight", type=float, nargs="+", default=[0.5], help="several: a grid (tuning)")
+    accuracy.add_argument("--insertion-bonus", type=float, nargs="+", default=[0.0], help="several: a grid (tuning)")
     accuracy.add_argument("--lexicon", help="word list, one entry per line")
     accuracy.add_argument("--lexicon-mode", choices=LEXICON_MODES, default="word")
     accuracy.add_argument("--beam-widths", type=int, nargs="+", default=[10, 50])
@@ -224,42 +228,71 @@ def accuracy_row(name: str, scored: Scored, references: list[str]) -> str:
             f"{len(references) / scored.seconds:,.0f} | " + " | ".join(f"{r:.4f}" for r in risks) + " |")
 
 
+def compared_fusions(charset, lm: NgramLM | None, lexicon: Lexicon | None, weights: list[float],
+                   bonuses: list[float]) -> dict[str, Fusion]:
+    """The fusions the accuracy table compares, by row name: ``char LM``, ``lexicon`` (no LM, no bonus) and
+    ``char LM + lexicon``, the LM ones at every ``(weight, bonus)`` pair (named ``... (w=W, b=B)`` when there are
+    several). Each equals ``Fusion.build(charset, lm, weight, bonus, lexicon)``; the LM and lexicon tables are
+    compiled once and the LM's rescaled per pair."""
+    grid = [(weight, bonus) for weight in weights for bonus in bonuses]
+    not_blank = torch.arange(charset.num_classes) != charset.blank
+    with_lm, with_lexicon, with_both = {}, {}, {}
+    if lexicon is not None:
+        with_lexicon["lexicon"] = Fusion.build(charset, lexicon=lexicon)
+    if lm is not None:
+        base = Fusion.build(charset, lm, 1.0, 0.0)
+        for weight, bonus in grid:
+            fusion = base._replace(step=weight * base.step + bonus * not_blank, lm_end=weight * base.lm_end)
+            suffix = f" (w={weight:g}, b={bonus:g})" if len(grid) > 1 else ""
+            with_lm[f"char LM{suffix}"] = fusion
+            if lexicon is not None:
+                with_both[f"char LM + lexicon{suffix}"] = fusion._replace(lexicon=with_lexicon["lexicon"].lexicon)
+    return with_lm | with_lexicon | with_both
+
+
 def accuracy_main(args: argparse.Namespace) -> None:
     module, batches = model_log_probs(args)
     charset = module.charset
     references = [label for batch in batches for label in batch.labels]
     print(f"{args.data}: {len(references)} lines, decoders on {args.device}, torch_threads={torch.get_num_threads()}, "
           f"our token_min_logp={args.token_min_logp}")
+    start = time.perf_counter()
+    lm = NgramLM.read_arpa(args.lm) if args.lm else None
+    lexicon = Lexicon.from_file(args.lexicon, args.lexicon_mode) if args.lexicon else None
+    compared = compared_fusions(charset, lm, lexicon, args.lm_weight, args.insertion_bonus)
+    fusions = {name: fusion.to(module.device, torch.float32) for name, fusion in compared.items()}
+    if fusions:
+        sizes = [f"LM {next(iter(fusions.values())).step.shape[0]:,} states" if lm else "",
+                 f"lexicon {fusions['lexicon'].lexicon.next_state.shape[0]:,} trie nodes" if lexicon else ""]
+        print(f"tables ({', '.join(s for s in sizes if s)}) x {charset.num_classes} classes compiled in "
+              f"{time.perf_counter() - start:.1f} s")
     print("| decoder | CER | word acc | line acc | lines/s | err@50% | err@80% | err@95% |")
     print("|---|---|---|---|---|---|---|---|")
-    fusion = dict(lm_weight=args.lm_weight, insertion_bonus=args.insertion_bonus, charset=charset,
-                  token_min_logp=args.token_min_logp)
     runs: dict[str, Scored] = {"greedy": median_pass(args.repeats, run_ours, GreedyDecoder(), batches, charset,
                                                      args.device)}
     print(accuracy_row("greedy", runs["greedy"], references), flush=True)
+    single = len(args.lm_weight) == 1 and len(args.insertion_bonus) == 1
     for width in args.beam_widths:
-        decoders = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp)}
-        if args.lm:
-            decoders[f"beam {width} + char LM"] = BeamSearchDecoder(width, lm_path=args.lm, **fusion)
-        if args.lexicon:
-            decoders[f"beam {width} + lexicon"] = BeamSearchDecoder(
-                width, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, charset=charset,
-                token_min_logp=args.token_min_logp)
-        if args.lm and args.lexicon:
-            decoders[f"beam {width} + char LM + lexicon"] = BeamSearchDecoder(
-                width, lm_path=args.lm, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, **fusion)
+        decoders: dict[str, Decoder] = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp)}
+        for name, fusion in fusions.items():
+            decoders[f"beam {width} + {name}"] = (
+                lambda log_probs, lengths, blank, width=width, fusion=fusion:
+                beam_search(log_probs, lengths, beam_width=width, blank=blank, fusion=fusion,
+                            token_min_logp=args.token_min_logp))
         for name, decoder in decoders.items():
             runs[name] = median_pass(args.repeats, run_ours, decoder, batches, charset, args.device)
             print(accuracy_row(name, runs[name], references), flush=True)
-        for lm in ([None, args.lm] if args.lm else [None]):
-            theirs = pyctcdecode_char_decoder(charset, lm, args.lm_weight, args.insertion_bonus)
+        if not single:
+            continue
+        for lm_path in ([None, args.lm] if args.lm else [None]):
+            theirs = pyctcdecode_char_decoder(charset, lm_path, args.lm_weight[0], args.insertion_bonus[0])
             if theirs is None:
-                print(f"(pyctcdecode{' + kenlm' if lm else ''} not installed: skipped)")
+                print(f"(pyctcdecode{' + kenlm' if lm_path else ''} not installed: skipped)")
                 continue
-            name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm else "")
+            name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm_path else "")
             runs[name] = median_pass(args.repeats, run_pyctcdecode, theirs, batches, width)
             print(accuracy_row(name, runs[name], references), flush=True)
-            ours = runs[f"beam {width} + char LM" if lm else f"beam {width}"]
+            ours = runs[f"beam {width} + char LM" if lm_path else f"beam {width}"]
             agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
             print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text on {agree:.1%}"
                   " of lines", flush=True)

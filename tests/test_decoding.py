@@ -416,6 +416,22 @@ def test_lexicon_keeps_a_narrow_beam_on_lexicon_prefixes():
     assert scores.exp().item() == pytest.approx(0.9 * (0.1 / 3) * 2)
 
 
+def test_word_lexicon_with_a_narrow_beam_can_end_empty_with_probability_0():
+    """Word mode too: the image says "a" then blanks, the only word is "ab". Width 1 keeps "a" (inside the word,
+    not an entry) over "ab" at every frame and ends on no entry: the empty labelling with -inf, although "ab" has
+    a finite probability and a beam as wide as all prefixes returns the exhaustive best lexicon text."""
+    charset = Charset("ab ")
+    lexicon = Lexicon(["ab"], "word")
+    fusion = Fusion.build(charset, lexicon=lexicon)
+    log_probs = peaky([1, 0, 0], num_classes=4).double()
+    labellings, scores = beam_search(log_probs, torch.tensor([3]), 1, fusion=fusion)
+    assert labellings == [[]] and scores.item() == -math.inf
+    text, log_p = exhaustive_best(log_probs[:, 0], charset, allowed=lexicon.__contains__)
+    labellings, scores = beam_search(log_probs, torch.tensor([3]), unbounded(3, 4), fusion=fusion)
+    assert text == "ab" and charset.decode(labellings[0]) == "ab"
+    assert scores.item() == pytest.approx(log_p, abs=1e-9)
+
+
 def test_word_lexicon_semantics():
     lexicon = Lexicon(["ab", "b a"], "word")  # an entry with a space adds its words
     assert lexicon.entries == ["a", "ab", "b"]
