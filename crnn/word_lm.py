@@ -1,0 +1,218 @@
+"""Word n-gram language models through KenLM for the beam search (:mod:`crnn.decoding`): words are the
+space-separated parts of a line, scored when they end (at a space, and the last word at the end of the line).
+
+The search carries per prefix an int *state id* (a KenLM state, kept on the host in :class:`WordLM`) and the
+node of its current partial word in a trie of the LM's vocabulary (a dense ``(N, C)`` table on the device, like
+:mod:`crnn.lexicon`). Once per frame the ``(state id, word id)`` pairs of the candidates that end a word go to the
+host, KenLM scores the unique pairs not seen before (a dict cache), and the scores and next state ids come back:
+one host sync per frame, only when a word LM is used.
+
+``kenlm`` is an optional dependency (``pip install 'ctc-crnn[lm]'``); nothing else in the package imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["WordLM", "WordLMTables", "read_arpa_unigrams"]
+
+LN10 = math.log(10.0)
+_SPECIAL = ("<s>", "</s>", "<unk>")
+
+
+class WordLMTables(NamedTuple):
+    """The LM's vocabulary as a trie automaton over ``N`` nodes for a ``C``-class recogniser.
+
+    ``next_node``: ``(N, C)`` int64 node of the partial word after a class's character: the root after the space,
+    the node itself for the blank, ``sink`` when the partial word leaves the vocabulary (and after the sink);
+    ``word_id``: ``(N,)`` int64 the vocabulary index of the node's word, ``unk`` where it is no vocabulary word;
+    ``potential``: ``(N,)`` float ``weight * unk_offset`` at the sink (a partial word no vocabulary word starts
+    with), 0 elsewhere; ``root``: the empty partial word; ``sink``; ``space``: the space class, -1 if none.
+    """
+
+    next_node: Tensor
+    word_id: Tensor
+    potential: Tensor
+    root: int
+    sink: int
+    space: int
+
+
+def read_arpa_unigrams(path: str | os.PathLike) -> list[str]:
+    """The words of an ARPA file's ``\\1-grams:`` section without ``<s>``, ``</s>``, ``<unk>``; a file that is
+    not ARPA (e.g. a KenLM binary) is an error that says to give the vocabulary separately."""
+    words, inside = [], False
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                line = line.strip()
+                if line == "\\1-grams:":
+                    inside = True
+                elif inside and line.startswith("\\"):
+                    break
+                elif inside and line:
+                    fields = line.split()
+                    if len(fields) < 2:
+                        raise ValueError(f"{path}:{number}: expected 'log10prob word [backoff]', got {line!r}")
+                    if fields[1] not in _SPECIAL:
+                        words.append(fields[1])
+    except UnicodeDecodeError:
+        words = []
+    if not words:
+        raise ValueError(f"{path}: no ARPA unigrams found (a binary KenLM model needs its vocabulary given "
+                         "separately: word_lm_vocabulary, one word per line)")
+    return words
+
+
+class WordLM:
+    """A KenLM word model, its vocabulary and a cache of scored ``(state, word)`` pairs.
+
+    Args:
+        path: an ARPA or KenLM binary file.
+        weight: ``lm_weight`` of the word LM: the ranking adds ``weight * log P(word | history)`` per word.
+        unk_offset: added to ``log P`` (natural log, before the weight) of a word outside the vocabulary, and,
+            as a potential, while the partial word is no prefix of a vocabulary word (like pyctcdecode's
+            ``unk_score_offset``, which is in log10 units: ours = theirs * ln 10).
+        word_bonus: added to the ranking per scored word (pyctcdecode's ``beta``).
+        vocabulary: the words (default: the ARPA file's unigrams); a text file path, one word per line, or a list.
+    """
+
+    def __init__(self, path: str | os.PathLike, weight: float = 0.5, unk_offset: float = -10.0,
+                 word_bonus: float = 0.0, vocabulary: str | os.PathLike | Iterable[str] | None = None):
+        try:
+            import kenlm
+        except ImportError:
+            raise ImportError("a word LM needs the kenlm package: pip install 'ctc-crnn[lm]' (or pip install kenlm)"
+                              ) from None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"word_lm_path: no such file: {path}")
+        self.path, self.weight, self.unk_offset, self.word_bonus = str(path), float(weight), float(unk_offset), \
+            float(word_bonus)
+        if vocabulary is None:
+            words = read_arpa_unigrams(path)
+        elif isinstance(vocabulary, (str, os.PathLike)):
+            with open(vocabulary, encoding="utf-8") as lines:
+                words = [line.strip() for line in lines if line.strip()]
+        else:
+            words = list(vocabulary)
+        self.words = sorted(set(words) - set(_SPECIAL))
+        self.unk = len(self.words)  # the word id of every word outside the vocabulary
+        self._kenlm = kenlm
+        self.model = kenlm.Model(self.path)
+        start = kenlm.State()
+        self.model.BeginSentenceWrite(start)
+        self.states: list = [start]  # state id -> kenlm.State; id 0 is the start of a line
+        self._state_ids = {start: 0}
+        self._word_cache: dict[int, tuple[float, int]] = {}  # state * (unk + 1) + word -> (ranking add, next id)
+        self._end_cache: dict[int, float] = {}
+
+    def __repr__(self) -> str:
+        return (f"WordLM({self.path!r}, order={self.model.order}, words={len(self.words)}, weight={self.weight}, "
+                f"unk_offset={self.unk_offset}, word_bonus={self.word_bonus})")
+
+    # ------------------------------------------------------------ host-side scoring
+
+    def _word_text(self, word: int) -> str:
+        return "<unk>" if word == self.unk else self.words[word]
+
+    def _state_id(self, state) -> int:
+        known = self._state_ids.get(state)
+        if known is None:
+            known = self._state_ids[state] = len(self.states)
+            self.states.append(state)
+        return known
+
+    def _score_word(self, key: int) -> tuple[float, int]:
+        state, word = divmod(key, self.unk + 1)
+        after = self._kenlm.State()
+        log10 = self.model.BaseScore(self.states[state], self._word_text(word), after)
+        value = self.weight * (log10 * LN10 + (self.unk_offset if word == self.unk else 0.0)) + self.word_bonus
+        return value, self._state_id(after)
+
+    def _score_end(self, key: int) -> float:
+        """Key ``state * (unk + 2) + word + 1``; ``word = -1``: the line ends without a partial word."""
+        state, word = divmod(key, self.unk + 2)
+        word -= 1
+        value, state = self._score_word(state * (self.unk + 1) + word) if word >= 0 else (0.0, state)
+        return value + self.weight * self.model.BaseScore(self.states[state], "</s>", self._kenlm.State()) * LN10
+
+    def score_words(self, state: Tensor, word: Tensor, needed: Tensor) -> tuple[Tensor, Tensor]:
+        """What ending word ``word`` after ``state`` adds to the ranking, and the state id after it.
+
+        Args:
+            state, word: int64 of one shape, state ids and word ids (``unk`` for words outside the vocabulary).
+            needed: bool of that shape: the pairs to score (others get 0 and state 0).
+
+        Returns:
+            ``weight * (log P(word | state) [+ unk_offset]) + word_bonus`` (float32) and the next state ids, on
+            ``state``'s device. One transfer each way; KenLM is asked only about pairs never seen before.
+        """
+        keys = torch.where(needed, state * (self.unk + 1) + word, -1).cpu().numpy()
+        unique, inverse = np.unique(keys, return_inverse=True)
+        values, nexts = np.zeros(len(unique), dtype=np.float32), np.zeros(len(unique), dtype=np.int64)
+        cache = self._word_cache
+        for i, key in enumerate(unique.tolist()):
+            if key < 0:
+                continue
+            hit = cache.get(key)
+            if hit is None:
+                hit = cache[key] = self._score_word(key)
+            values[i], nexts[i] = hit
+        shape = state.shape
+        return (torch.from_numpy(values[inverse].reshape(shape)).to(state.device),
+                torch.from_numpy(nexts[inverse].reshape(shape)).to(state.device))
+
+    def score_ends(self, state: Tensor, word: Tensor, has_word: Tensor) -> Tensor:
+        """What ending the line adds: the partial word ``word`` where ``has_word`` (as :meth:`score_words`), then
+        ``weight * log P(</s> | state)``. Float32 of ``state``'s shape and device."""
+        keys = (state * (self.unk + 2) + torch.where(has_word, word + 1, 0)).cpu().numpy()
+        unique, inverse = np.unique(keys, return_inverse=True)
+        cache = self._end_cache
+        values = np.array([cache[key] if key in cache else cache.setdefault(key, self._score_end(key))
+                           for key in unique.tolist()], dtype=np.float32)
+        return torch.from_numpy(values[inverse].reshape(state.shape)).to(state.device)
+
+    # ------------------------------------------------------------ the decoder's automaton
+
+    def tables(self, class_chars: Sequence[str | None], device: str | torch.device = "cpu") -> WordLMTables:
+        """The vocabulary trie as :class:`WordLMTables` for classes with characters ``class_chars`` (``None`` for
+        the blank). Words with a character outside the classes (or a space) can never be output: they are left
+        out of the trie, with one warning that counts them. Memory: ``N * C * 8`` bytes for ``N`` trie nodes."""
+        column = {char: c for c, char in enumerate(class_chars) if char is not None}
+        usable = [i for i, word in enumerate(self.words) if all(char in column and char != " " for char in word)]
+        if len(usable) < len(self.words):
+            warnings.warn(f"{len(self.words) - len(usable)} of {len(self.words)} word LM vocabulary words have "
+                          "characters outside the model's charset and can never be output", stacklevel=2)
+        root, sink = 0, 1
+        children: list[dict[str, int]] = [{}, {}]
+        word_id = [self.unk, self.unk]
+        for i in usable:
+            node = root
+            for char in self.words[i]:
+                if char not in children[node]:
+                    children.append({})
+                    word_id.append(self.unk)
+                    children[node][char] = len(children) - 1
+                node = children[node][char]
+            word_id[node] = i
+        next_node = torch.full((len(children), len(class_chars)), sink, dtype=torch.int64)
+        for node, kids in enumerate(children):
+            for char, child in kids.items():
+                next_node[node, column[char]] = child
+        space = column.get(" ", -1)
+        if space >= 0:
+            next_node[:, space] = root
+        blank = [c for c, char in enumerate(class_chars) if char is None]
+        next_node[:, blank] = torch.arange(len(children))[:, None]
+        potential = torch.zeros(len(children))
+        potential[sink] = self.weight * self.unk_offset
+        return WordLMTables(next_node.to(device), torch.tensor(word_id, device=device), potential.to(device), root,
+                            sink, space)
