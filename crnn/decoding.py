@@ -212,8 +212,8 @@ class Fusion(NamedTuple):
                                 self.lexicon.start, self.lexicon.sink)
         word_lm, hotwords = self.word_lm, self.hotwords
         if word_lm is not None:
-            word_lm = word_lm._replace(next_node=word_lm.next_node.to(device), word_id=word_lm.word_id.to(device),
-                                       potential=word_lm.potential.to(device, dtype))
+            word_lm = word_lm._replace(continues=word_lm.continues.to(device), edge_key=word_lm.edge_key.to(device),
+                                       edge_child=word_lm.edge_child.to(device), word_id=word_lm.word_id.to(device))
         if hotwords is not None:
             hotwords = hotwords._replace(next_state=hotwords.next_state.to(device),
                                          potential=hotwords.potential.to(device, dtype),
@@ -364,7 +364,7 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
     prior = beams.prior + fusion.lm_end[beams.lm_state]
     if fusion.word_lm is not None:
         tables, node = fusion.word_lm, beams.word_node
-        prior = prior - tables.potential[node] + fusion.word_scorer.score_ends(
+        prior = prior - tables.potential(node, prior.dtype) + fusion.word_scorer.score_ends(
             beams.word_state, tables.word_id[node], node != tables.root).to(prior.dtype)
     if fusion.hotwords is not None:
         state = beams.hotword_state
@@ -443,11 +443,14 @@ def _candidate_prior(beams: _Beams, total: Tensor, fusion: Fusion) -> tuple[Tens
     words_after = None
     if fusion.word_lm is not None:
         tables, node = fusion.word_lm, beams.word_node
-        prior = prior + tables.potential[tables.next_node[node]] - tables.potential[node][..., None]
+        potential = tables.potential(node, prior.dtype)
+        change = (~tables.continues[node]).to(prior.dtype) * tables.penalty - potential[..., None]
+        change[..., tables.blank] = 0.0
         if tables.space >= 0:  # the space ends a non-empty partial word: the host scores the word
             ends_word = (node != tables.root) & (total > float("-inf"))
             value, words_after = fusion.word_scorer.score_words(beams.word_state, tables.word_id[node], ends_word)
-            prior[..., tables.space] += value.to(prior.dtype)
+            change[..., tables.space] = value.to(prior.dtype) - potential
+        prior = prior + change
     if fusion.hotwords is not None:
         tables, state = fusion.hotwords, beams.hotword_state
         prior = prior + tables.potential[tables.next_state[state]] - tables.potential[state][..., None]
@@ -471,7 +474,7 @@ def _advance_fusion(new_beams: _Beams, beams: _Beams, fusion: Fusion, parent: Te
         if words_after is not None:
             ends_word = (label == tables.space) & (node != tables.root)
             state = torch.where(ends_word, words_after.gather(1, parent), state)
-        new_beams = new_beams._replace(word_state=state, word_node=tables.next_node[node, label])
+        new_beams = new_beams._replace(word_state=state, word_node=tables.next_node(node, label))
     if fusion.hotwords is not None:
         new_beams = new_beams._replace(
             hotword_state=fusion.hotwords.next_state[beams.hotword_state.gather(1, parent), label])

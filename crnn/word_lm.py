@@ -2,8 +2,8 @@
 space-separated parts of a line, scored when they end (at a space, and the last word at the end of the line).
 
 The search carries per prefix an int *state id* (a KenLM state, kept on the host in :class:`WordLM`) and the
-node of its current partial word in a trie of the LM's vocabulary (a dense ``(N, C)`` table on the device, like
-:mod:`crnn.lexicon`). Once per frame the ``(state id, word id)`` pairs of the candidates that end a word go to the
+node of its current partial word in a trie of the LM's vocabulary (tensors on the device: a dense ``(N, C)`` bool
+table of which characters continue a node, and the sorted edges for the node after a chosen character). Once per frame the ``(state id, word id)`` pairs of the candidates that end a word go to the
 host, KenLM scores the unique pairs not seen before (a dict cache), and the scores and next state ids come back:
 one host sync per frame, only when a word LM is used.
 
@@ -29,21 +29,38 @@ _SPECIAL = ("<s>", "</s>", "<unk>")
 
 
 class WordLMTables(NamedTuple):
-    """The LM's vocabulary as a trie automaton over ``N`` nodes for a ``C``-class recogniser.
+    """The LM's vocabulary as a trie over ``N`` nodes with ``E`` edges, for a ``C``-class recogniser.
 
-    ``next_node``: ``(N, C)`` int64 node of the partial word after a class's character: the root after the space,
-    the node itself for the blank, ``sink`` when the partial word leaves the vocabulary (and after the sink);
-    ``word_id``: ``(N,)`` int64 the vocabulary index of the node's word, ``unk`` where it is no vocabulary word;
-    ``potential``: ``(N,)`` float ``weight * unk_offset`` at the sink (a partial word no vocabulary word starts
-    with), 0 elsewhere; ``root``: the empty partial word; ``sink``; ``space``: the space class, -1 if none.
+    The node of a partial word after a class's character is its trie child, ``sink`` when the partial word leaves
+    the vocabulary (and after the sink), ``root`` after the space, the node itself after the blank.
+    ``continues``: ``(N, C)`` bool, the class's character leads to a child; ``edge_key``: ``(E,)`` int64 sorted
+    ``node * C + class`` of every edge, ``edge_child``: ``(E,)`` int64 its child; ``word_id``: ``(N,)`` int64 the
+    vocabulary index of the node's word, ``unk`` where it is no vocabulary word; ``penalty``: ``weight *
+    unk_offset``, the potential of the sink (a partial word no vocabulary word starts with; 0 elsewhere);
+    ``root``, ``sink``; ``space``: the space class, -1 if none; ``blank``: the blank class.
     """
 
-    next_node: Tensor
+    continues: Tensor
+    edge_key: Tensor
+    edge_child: Tensor
     word_id: Tensor
-    potential: Tensor
+    penalty: float
     root: int
     sink: int
     space: int
+    blank: int
+
+    def potential(self, node: Tensor, dtype: torch.dtype) -> Tensor:
+        """``penalty`` where ``node`` is the sink, else 0 (``node``'s shape, ``dtype``)."""
+        return (node == self.sink).to(dtype) * self.penalty
+
+    def next_node(self, node: Tensor, label: Tensor) -> Tensor:
+        """The node after appending ``label`` to the partial word at ``node`` (int64, one shape)."""
+        key = node * self.continues.shape[1] + label
+        at = torch.searchsorted(self.edge_key, key).clamp(max=self.edge_key.shape[0] - 1)
+        child = torch.where(self.edge_key[at] == key, self.edge_child[at], self.sink)
+        child = torch.where(label == self.space, self.root, child)
+        return torch.where(label == self.blank, node, child)
 
 
 def read_arpa_unigrams(path: str | os.PathLike) -> list[str]:
@@ -152,12 +169,12 @@ class WordLM:
             needed: bool of that shape: the pairs to score (others get 0 and state 0).
 
         Returns:
-            ``weight * (log P(word | state) [+ unk_offset]) + word_bonus`` (float32) and the next state ids, on
+            ``weight * (log P(word | state) [+ unk_offset]) + word_bonus`` (float64) and the next state ids, on
             ``state``'s device. One transfer each way; KenLM is asked only about pairs never seen before.
         """
         keys = torch.where(needed, state * (self.unk + 1) + word, -1).cpu().numpy()
         unique, inverse = np.unique(keys, return_inverse=True)
-        values, nexts = np.zeros(len(unique), dtype=np.float32), np.zeros(len(unique), dtype=np.int64)
+        values, nexts = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
         cache = self._word_cache
         for i, key in enumerate(unique.tolist()):
             if key < 0:
@@ -172,12 +189,12 @@ class WordLM:
 
     def score_ends(self, state: Tensor, word: Tensor, has_word: Tensor) -> Tensor:
         """What ending the line adds: the partial word ``word`` where ``has_word`` (as :meth:`score_words`), then
-        ``weight * log P(</s> | state)``. Float32 of ``state``'s shape and device."""
+        ``weight * log P(</s> | state)``. Float64 of ``state``'s shape and device."""
         keys = (state * (self.unk + 2) + torch.where(has_word, word + 1, 0)).cpu().numpy()
         unique, inverse = np.unique(keys, return_inverse=True)
         cache = self._end_cache
         values = np.array([cache[key] if key in cache else cache.setdefault(key, self._score_end(key))
-                           for key in unique.tolist()], dtype=np.float32)
+                           for key in unique.tolist()])
         return torch.from_numpy(values[inverse].reshape(state.shape)).to(state.device)
 
     # ------------------------------------------------------------ the decoder's automaton
@@ -185,9 +202,11 @@ class WordLM:
     def tables(self, class_chars: Sequence[str | None], device: str | torch.device = "cpu") -> WordLMTables:
         """The vocabulary trie as :class:`WordLMTables` for classes with characters ``class_chars`` (``None`` for
         the blank). Words with a character outside the classes (or a space) can never be output: they are left
-        out of the trie, with one warning that counts them. Memory: ``N * C * 8`` bytes for ``N`` trie nodes."""
+        out of the trie, with one warning that counts them. Memory: ``N * C`` bytes plus ``16`` per edge."""
         column = {char: c for c, char in enumerate(class_chars) if char is not None}
         usable = [i for i, word in enumerate(self.words) if all(char in column and char != " " for char in word)]
+        if not usable:
+            raise ValueError(f"{self.path}: no word of the word LM can be written with the model's characters")
         if len(usable) < len(self.words):
             warnings.warn(f"{len(self.words) - len(usable)} of {len(self.words)} word LM vocabulary words have "
                           "characters outside the model's charset and can never be output", stacklevel=2)
@@ -203,16 +222,14 @@ class WordLM:
                     children[node][char] = len(children) - 1
                 node = children[node][char]
             word_id[node] = i
-        next_node = torch.full((len(children), len(class_chars)), sink, dtype=torch.int64)
-        for node, kids in enumerate(children):
-            for char, child in kids.items():
-                next_node[node, column[char]] = child
-        space = column.get(" ", -1)
-        if space >= 0:
-            next_node[:, space] = root
-        blank = [c for c, char in enumerate(class_chars) if char is None]
-        next_node[:, blank] = torch.arange(len(children))[:, None]
-        potential = torch.zeros(len(children))
-        potential[sink] = self.weight * self.unk_offset
-        return WordLMTables(next_node.to(device), torch.tensor(word_id, device=device), potential.to(device), root,
-                            sink, space)
+        num_classes = len(class_chars)
+        edges = sorted((node * num_classes + column[char], child) for node, kids in enumerate(children)
+                       for char, child in kids.items())
+        edge_key = torch.tensor([key for key, _ in edges], dtype=torch.int64).reshape(-1)
+        continues = torch.zeros(len(children) * num_classes, dtype=torch.bool)
+        continues[edge_key] = True
+        blank = next(c for c, char in enumerate(class_chars) if char is None)
+        return WordLMTables(continues.view(len(children), num_classes).to(device), edge_key.to(device),
+                            torch.tensor([child for _, child in edges], dtype=torch.int64).reshape(-1).to(device),
+                            torch.tensor(word_id, device=device), self.weight * self.unk_offset, root, sink,
+                            column.get(" ", -1), blank)

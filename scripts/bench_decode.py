@@ -5,6 +5,8 @@ Example::
     python scripts/bench_decode.py --lines 256 --frames 32 --classes 11 --beam-width 10 --repeats 5
     python scripts/bench_decode.py --checkpoint last.ckpt --data /tmp/codes/test --lm codes.arpa \
         --lexicon codes.txt --lexicon-mode line --beam-widths 10 50
+    python scripts/bench_decode.py --checkpoint text.ckpt --data /tmp/words/test --lm chars6.arpa \
+        --word-lm words3.arpa --word-lm-weight 0.5 --beam-widths 10
 
 Without ``--checkpoint``: random log-probs, our decoders timed against pyctcdecode without LM, whose pruning is
 made permissive so that it, like ours, considers every class at every frame: ``token_min_logp=-inf`` (no class
@@ -17,7 +19,10 @@ line are computed once, then every decoder (greedy, beam, beam + LM, beam + lexi
 rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's score). pyctcdecode decodes with
 its default pruning and the same ARPA file through KenLM: every character is made its own "word" (labels
 ``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and ``beta = --insertion-bonus``,
-the same fused score as ours. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
+the same fused score as ours. With ``--word-lm`` (a word KenLM model): beam + word LM, beam + char LM + word LM
+(with ``--lm``), and pyctcdecode with the same word model as its own word-level LM (``alpha = --word-lm-weight``,
+``beta = --word-bonus``, ``unk_score_offset = --word-unk-offset / ln 10``); our rows also print the share of the
+decoding time spent on the host scoring words. With ``--hotwords``: beam + hotwords. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accuracy.add_argument("--insertion-bonus", type=float, default=0.0)
     accuracy.add_argument("--lexicon", help="word list, one entry per line")
     accuracy.add_argument("--lexicon-mode", choices=LEXICON_MODES, default="word")
+    accuracy.add_argument("--word-lm", help="word n-gram model (ARPA or KenLM binary; needs kenlm)")
+    accuracy.add_argument("--word-lm-weight", type=float, default=0.5)
+    accuracy.add_argument("--word-unk-offset", type=float, default=-10.0)
+    accuracy.add_argument("--word-bonus", type=float, default=0.0)
+    accuracy.add_argument("--hotwords", nargs="+", help="words or phrases to boost")
+    accuracy.add_argument("--hotword-weight", type=float, default=2.0)
     accuracy.add_argument("--beam-widths", type=int, nargs="+", default=[10, 50])
     accuracy.add_argument("--batch-size", type=int, default=256, help="lines per decoder call")
     return parser.parse_args(argv)
@@ -156,6 +167,7 @@ def model_log_probs(args: argparse.Namespace):
 
 def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
     texts, scores, seconds = [], [], 0.0
+    host = time_word_scoring(decoder)
     for batch in batches:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -165,7 +177,29 @@ def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) ->
         seconds += time.perf_counter() - start
         texts += [charset.decode(ids) for ids in labels]
         scores += line_scores
+    if host is not None:
+        print(f"  host word scoring: {host[0] / seconds:.1%} of the decoding time, {len(decoder.word_lm.states):,} "
+              "KenLM states", flush=True)
     return Scored(texts, scores, seconds)
+
+
+def time_word_scoring(decoder: Decoder) -> list[float] | None:
+    """With a word LM: wrap its host-side scoring so that its seconds add up in the returned one-item list."""
+    scorer = getattr(decoder, "word_lm", None)
+    if scorer is None:
+        return None
+    spent = [0.0]
+
+    def timed(method):
+        def run(*args):
+            start = time.perf_counter()
+            result = method(*args)
+            spent[0] += time.perf_counter() - start
+            return result
+        return run
+
+    scorer.score_words, scorer.score_ends = timed(scorer.score_words), timed(scorer.score_ends)
+    return spent
 
 
 def pyctcdecode_char_decoder(charset, lm_path: str | None, alpha: float, beta: float):
@@ -183,7 +217,21 @@ def pyctcdecode_char_decoder(charset, lm_path: str | None, alpha: float, beta: f
                             alpha=alpha, beta=beta)
 
 
-def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int) -> Scored:
+def pyctcdecode_word_decoder(charset, args: argparse.Namespace):
+    """pyctcdecode with its labels the charset's characters and ``--word-lm`` as its word-level KenLM model; None if
+    pyctcdecode or kenlm is missing."""
+    try:
+        import kenlm  # noqa: F401
+        from pyctcdecode import build_ctcdecoder
+    except ImportError:
+        return None
+    labels = ["" if c == charset.blank else charset.decode([c]) for c in range(charset.num_classes)]
+    return build_ctcdecoder(labels, kenlm_model_path=args.word_lm, alpha=args.word_lm_weight, beta=args.word_bonus,
+                            unk_score_offset=args.word_unk_offset / math.log(10))
+
+
+def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int, words: bool = False) -> Scored:
+    """pyctcdecode's best text per line; ``words``: its labels are characters (not ``▁c`` tokens)."""
     texts, scores, seconds = [], [], 0.0
     for batch in batches:
         lines = [line[:n] for line, n in zip(batch.log_probs.transpose(0, 1).double().cpu().numpy(),
@@ -191,7 +239,8 @@ def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int) -> Scored
         start = time.perf_counter()
         best = [decoder.decode_beams(line, beam_width=beam_width)[0] for line in lines]
         seconds += time.perf_counter() - start
-        texts += ["".join(" " if word == SPACE else word for word in text.split()) for text, *_ in best]
+        texts += [text if words else "".join(" " if word == SPACE else word for word in text.split())
+                  for text, *_ in best]
         scores += [beam[3] for beam in best]  # logit_score: pyctcdecode's acoustic score of the text
     return Scored(texts, scores, seconds)
 
@@ -231,6 +280,16 @@ def accuracy_main(args: argparse.Namespace) -> None:
         if args.lm and args.lexicon:
             decoders[f"beam {width} + char LM + lexicon"] = BeamSearchDecoder(
                 width, lm_path=args.lm, lexicon_path=args.lexicon, lexicon_mode=args.lexicon_mode, **fusion)
+        words = dict(word_lm_path=args.word_lm, word_lm_weight=args.word_lm_weight,
+                     word_unk_offset=args.word_unk_offset, word_bonus=args.word_bonus)
+        if args.word_lm:
+            decoders[f"beam {width} + word LM"] = BeamSearchDecoder(width, **words, charset=charset)
+        if args.word_lm and args.lm:
+            decoders[f"beam {width} + char LM + word LM"] = BeamSearchDecoder(width, lm_path=args.lm, **words,
+                                                                              **fusion)
+        if args.hotwords:
+            decoders[f"beam {width} + hotwords"] = BeamSearchDecoder(
+                width, hotwords=args.hotwords, hotword_weight=args.hotword_weight, charset=charset)
         for name, decoder in decoders.items():
             runs[name] = run_ours(decoder, batches, charset, args.device)
             print(accuracy_row(name, runs[name], references), flush=True)
@@ -246,6 +305,18 @@ def accuracy_main(args: argparse.Namespace) -> None:
             agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
             print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text on {agree:.1%}"
                   " of lines", flush=True)
+        if args.word_lm:
+            theirs = pyctcdecode_word_decoder(charset, args)
+            if theirs is None:
+                print("(pyctcdecode + kenlm not installed: skipped)")
+                continue
+            name = f"pyctcdecode {width} + KenLM (same word LM)"
+            runs[name] = run_pyctcdecode(theirs, batches, width, words=True)
+            print(accuracy_row(name, runs[name], references), flush=True)
+            ours = runs[f"beam {width} + word LM"]
+            agree = sum(" ".join(a.split()) == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
+            print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text (whitespace "
+                  f"normalised) on {agree:.1%} of lines", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
