@@ -319,6 +319,28 @@ def accuracy_main(args: argparse.Namespace) -> None:
                   f"normalised) on {agree:.1%} of lines", flush=True)
 
 
+def time_word_lm(args: argparse.Namespace, log_probs: torch.Tensor, lengths: torch.Tensor, beam_s: float) -> None:
+    """The beam search with ``--word-lm`` on the random log-probs, the last class being the space: its time, the
+    ratio to the plain search's ``beam_s``, and the share spent on the host scoring words (the per-frame cost)."""
+    from data import Charset
+
+    symbols = [char for char in vocabulary(args.classes, args.blank) if char][:-1] + [" "]
+    decoder = BeamSearchDecoder(args.beam_width, word_lm_path=args.word_lm, word_lm_weight=args.word_lm_weight,
+                                word_unk_offset=args.word_unk_offset, word_bonus=args.word_bonus,
+                                charset=Charset("".join(symbols), blank=args.blank))
+    spent = time_word_scoring(decoder)
+    seconds, _ = median_seconds(lambda: decoder(log_probs, lengths, args.blank), args.repeats, args.device)
+    spent[0] = 0.0
+    start = time.perf_counter()
+    decoder(log_probs, lengths, args.blank)
+    host_share = spent[0] / (time.perf_counter() - start)
+    report("beam_search + word LM", seconds, args.lines)
+    print(f"word LM: {seconds / beam_s:.2f}x the plain search's time, {(seconds - beam_s) / args.frames * 1e3:.2f} ms "
+          f"more per frame ({args.lines} lines x {args.beam_width} beams), host word scoring {host_share:.0%} of the "
+          f"decoding time; "
+          f"{len(decoder.word_lm.states):,} KenLM states cached")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         lambda: beam_search(on_device, lengths, args.beam_width, args.blank), args.repeats, args.device
     )
     report("beam_search (ours)", beam_s, args.lines)
+    if args.word_lm:
+        time_word_lm(args, on_device, lengths, beam_s)
 
     labels = vocabulary(args.classes, args.blank)
     decoder = pyctcdecode_decoder(labels)
