@@ -132,9 +132,8 @@ def test_predict_beam_options_constrain_the_output(checkpoint, image_dir, tmp_pa
         predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--lm", str(lm)])
 
 
-def test_predict_word_lm_and_hotword_options(checkpoint, image_dir, tmp_path):
-    """A heavy hotword bonus makes every line the hotword (the digits charset has no space: a line is one word);
-    a heavy word LM with a heavy penalty for unknown words keeps the output to its vocabulary (or empty)."""
+def test_predict_hotword_options(checkpoint, image_dir, tmp_path):
+    """A heavy hotword bonus makes every line the hotword (the digits charset has no space: a line is one word)."""
     predict = load_script("predict")
     base = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"]
     boosted = predict.main([*base, "--hotwords", "123", "--hotword-weight", "50"])
@@ -146,7 +145,13 @@ def test_predict_word_lm_and_hotword_options(checkpoint, image_dir, tmp_path):
         predict.main([*base, "--hotwords", "1", "--hotwords-file", str(tmp_path / "hot.txt")])
     with pytest.raises(SystemExit, match="--word-lm needs --decoder beam"):
         predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--word-lm", "x.arpa"])
+
+
+def test_predict_word_lm_option(checkpoint, image_dir, tmp_path):
+    """A heavy word LM with a heavy penalty for unknown words keeps the output to its vocabulary (or empty)."""
     pytest.importorskip("kenlm")
+    predict = load_script("predict")
+    base = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"]
     (tmp_path / "codes.txt").write_text("123\n4567\n", encoding="utf-8")
     words = tmp_path / "words.arpa"
     load_script("train_char_lm").main([str(tmp_path / "codes.txt"), "--unit", "word", "--order", "2",

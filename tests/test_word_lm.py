@@ -4,6 +4,7 @@ directly, hotwords by a regular expression), and pyctcdecode with the same word 
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -56,8 +57,17 @@ def test_word_witten_bell_of_a_toy_corpus_matches_hand_computed_probabilities(tm
     assert set(model.entries[1]) == set(bigrams)
     for ngram, prob in bigrams.items():
         assert model.entries[1][ngram][0] == pytest.approx(math.log10(prob), abs=1e-6)
-    # KenLM reads it and scores by the back-off rule: "car red" backs off from car to P(red)
+
+
+def test_kenlm_scores_the_word_arpa_by_the_back_off_rule(tmp_path):
+    """The corpus above through KenLM: "car red" backs off from car to P(red)."""
     kenlm = pytest.importorskip("kenlm")
+    (tmp_path / "corpus.txt").write_text("red car\nred\ncar\n", encoding="utf-8")
+    train_char_lm.main([str(tmp_path / "corpus.txt"), "--unit", "word", "--order", "2", "--output",
+                        str(tmp_path / "w.arpa")])
+    unigram = {"red": 2.75 / 10}
+    bigrams = {(BOS, "red"): (2 + 2 * 0.275) / 5, (BOS, "car"): (1 + 2 * 0.275) / 5,
+               ("red", "car"): (1 + 2 * 0.275) / 4, ("red", EOS): (1 + 2 * 0.375) / 4, ("car", EOS): (2 + 0.375) / 3}
     theirs = kenlm.Model(str(tmp_path / "w.arpa"))
     expected = bigrams[(BOS, "red")] * bigrams[("red", "car")] * bigrams[("car", EOS)]
     assert 10 ** theirs.score("red car", bos=True, eos=True) == pytest.approx(expected, rel=1e-5)
@@ -186,6 +196,12 @@ def test_word_lm_goes_to_the_host_once_per_frame(word_arpa):
         assert calls == ["word"] * frames + ["end"]
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
+
+
+def test_word_lm_without_kenlm_says_how_to_install_it(monkeypatch, word_arpa):
+    monkeypatch.setitem(sys.modules, "kenlm", None)
+    with pytest.raises(ImportError, match=r"pip install 'ctc-crnn\[lm\]'"):
+        BeamSearchDecoder(word_lm_path=word_arpa)
 
 
 def test_word_lm_errors_name_the_problem(tmp_path, word_arpa):
