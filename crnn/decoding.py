@@ -88,7 +88,7 @@ class BeamSearchDecoder:
             default: the ARPA file's unigrams).
         hotwords: words or phrases to boost, a list or a file path (one per line), or None.
         hotword_weight: added per character of a hotword occurrence (see :mod:`crnn.hotwords`).
-        charset: the recogniser's :class:`data.Charset`. Needed by the LM, the lexicon and ``allow``; may be
+        charset: the recogniser's :class:`data.Charset`. Needed by every fused prior; may be
             given later with :meth:`bind` (``CRNNModule`` binds its own).
     """
 
@@ -119,7 +119,8 @@ class BeamSearchDecoder:
             self.bind(charset)
 
     def bind(self, charset) -> BeamSearchDecoder:
-        """Compile the LM, lexicon and allowed characters for ``charset`` (a :class:`data.Charset`); returns self."""
+        """Compile the LMs, lexicon, allowed characters and hotwords for ``charset`` (a :class:`data.Charset`);
+        returns self."""
         if self.fused:
             self.fusion = Fusion.build(charset, self.lm, self.lm_weight, self.insertion_bonus, self.lexicon,
                                        self.allow, self.word_lm, self.hotwords)
@@ -128,8 +129,7 @@ class BeamSearchDecoder:
     def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
         if self.fused and self.fusion is None:
             raise RuntimeError("BeamSearchDecoder with an LM, lexicon, allow, hotwords or insertion bonus needs the "
-                               "charset: "
-                               "pass charset= or call bind(charset)")
+                               "charset: pass charset= or call bind(charset)")
         if self.fusion is not None and self.fusion.step.device != log_probs.device:  # move the tables once
             self.fusion = self.fusion.to(log_probs.device, self.fusion.step.dtype)
         return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion)

@@ -284,6 +284,19 @@ def test_hotwords_add_no_host_sync_per_time_step():
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
 
 
+def test_beam_lm_config_takes_a_word_lm_and_a_hotword_list(word_arpa):
+    pytest.importorskip("kenlm")
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load("conf/decoder/beam_lm.yaml")
+    config.word_lm_path, config.word_lm_weight, config.hotwords = word_arpa, 0.8, ["ab", "b a"]
+    decoder = instantiate(config)
+    assert decoder.word_lm.weight == 0.8 and decoder.hotwords.entries == ["ab", "b a"]
+    labels = decoder.bind(Charset("ab "))(random_log_probs((6, 2, 4), seed=1), torch.tensor([6, 4])).labels
+    assert len(labels) == 2
+
+
 # ---------------------------------------------------------------- against pyctcdecode
 
 
