@@ -128,17 +128,14 @@ class WordLM:
         self.model.BeginSentenceWrite(start)
         self.states: list = [start]  # state id -> kenlm.State; id 0 is the start of a line
         self._state_ids = {start: 0}
-        self._word_cache: dict[int, tuple[float, int]] = {}  # state * (unk + 1) + word -> (ranking add, next id)
-        self._end_cache: dict[int, float] = {}
+        self._word_cache: dict[int, tuple[float, int]] = {}  # state * (unk + 1) + word -> (ln P, next state id)
+        self._end_cache: dict[int, float] = {}  # state id -> ln P(</s> | state)
 
     def __repr__(self) -> str:
         return (f"WordLM({self.path!r}, order={self.model.order}, words={len(self.words)}, weight={self.weight}, "
                 f"unk_offset={self.unk_offset}, word_bonus={self.word_bonus})")
 
     # ------------------------------------------------------------ host-side scoring
-
-    def _word_text(self, word: int) -> str:
-        return "<unk>" if word == self.unk else self.words[word]
 
     def _state_id(self, state) -> int:
         known = self._state_ids.get(state)
@@ -147,19 +144,34 @@ class WordLM:
             self.states.append(state)
         return known
 
-    def _score_word(self, key: int) -> tuple[float, int]:
-        state, word = divmod(key, self.unk + 1)
-        after = self._kenlm.State()
-        log10 = self.model.BaseScore(self.states[state], self._word_text(word), after)
-        value = self.weight * (log10 * LN10 + (self.unk_offset if word == self.unk else 0.0)) + self.word_bonus
-        return value, self._state_id(after)
+    def _word_values(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ranking value and next state id per int64 key ``state * (unk + 1) + word`` (``-1``: no word: 0, 0).
+        KenLM is asked once per pair ever seen; the caches hold log-probs, so the weights may change."""
+        unique, inverse = np.unique(keys, return_inverse=True)
+        log_prob, after = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
+        cache = self._word_cache
+        for i, key in enumerate(unique.tolist()):
+            if key < 0:
+                continue
+            hit = cache.get(key)
+            if hit is None:
+                state, word = divmod(key, self.unk + 1)
+                out = self._kenlm.State()
+                log10 = self.model.BaseScore(self.states[state], "<unk>" if word == self.unk else self.words[word], out)
+                hit = cache[key] = (log10 * LN10, self._state_id(out))
+            log_prob[i], after[i] = hit
+        unknown = unique % (self.unk + 1) == self.unk
+        values = np.where(unique >= 0, self.weight * (log_prob + self.unk_offset * unknown) + self.word_bonus, 0.0)
+        return values[inverse], after[inverse]
 
-    def _score_end(self, key: int) -> float:
-        """Key ``state * (unk + 2) + word + 1``; ``word = -1``: the line ends without a partial word."""
-        state, word = divmod(key, self.unk + 2)
-        word -= 1
-        value, state = self._score_word(state * (self.unk + 1) + word) if word >= 0 else (0.0, state)
-        return value + self.weight * self.model.BaseScore(self.states[state], "</s>", self._kenlm.State()) * LN10
+    def _end_log_probs(self, states: np.ndarray) -> np.ndarray:
+        """``ln P(</s> | state)`` per state id."""
+        unique, inverse = np.unique(states, return_inverse=True)
+        cache = self._end_cache
+        for state in unique.tolist():
+            if state not in cache:
+                cache[state] = self.model.BaseScore(self.states[state], "</s>", self._kenlm.State()) * LN10
+        return np.array([cache[state] for state in unique.tolist()])[inverse]
 
     def score_words(self, state: Tensor, word: Tensor, needed: Tensor) -> tuple[Tensor, Tensor]:
         """What ending word ``word`` after ``state`` adds to the ranking, and the state id after it.
@@ -169,33 +181,22 @@ class WordLM:
             needed: bool of that shape: the pairs to score (others get 0 and state 0).
 
         Returns:
-            ``weight * (log P(word | state) [+ unk_offset]) + word_bonus`` (float64) and the next state ids, on
+            ``weight * (ln P(word | state) [+ unk_offset]) + word_bonus`` (float64) and the next state ids, on
             ``state``'s device. One transfer each way; KenLM is asked only about pairs never seen before.
         """
         keys = torch.where(needed, state * (self.unk + 1) + word, -1).cpu().numpy()
-        unique, inverse = np.unique(keys, return_inverse=True)
-        values, nexts = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
-        cache = self._word_cache
-        for i, key in enumerate(unique.tolist()):
-            if key < 0:
-                continue
-            hit = cache.get(key)
-            if hit is None:
-                hit = cache[key] = self._score_word(key)
-            values[i], nexts[i] = hit
-        shape = state.shape
-        return (torch.from_numpy(values[inverse].reshape(shape)).to(state.device),
-                torch.from_numpy(nexts[inverse].reshape(shape)).to(state.device))
+        values, after = self._word_values(keys.reshape(-1))
+        return (torch.from_numpy(values.reshape(state.shape)).to(state.device),
+                torch.from_numpy(after.reshape(state.shape)).to(state.device))
 
     def score_ends(self, state: Tensor, word: Tensor, has_word: Tensor) -> Tensor:
         """What ending the line adds: the partial word ``word`` where ``has_word`` (as :meth:`score_words`), then
-        ``weight * log P(</s> | state)``. Float64 of ``state``'s shape and device."""
-        keys = (state * (self.unk + 2) + torch.where(has_word, word + 1, 0)).cpu().numpy()
-        unique, inverse = np.unique(keys, return_inverse=True)
-        cache = self._end_cache
-        values = np.array([cache[key] if key in cache else cache.setdefault(key, self._score_end(key))
-                           for key in unique.tolist()])
-        return torch.from_numpy(values[inverse].reshape(state.shape)).to(state.device)
+        ``weight * ln P(</s> | state after it)``. Float64 of ``state``'s shape, on its device; one transfer each way."""
+        states, keys = torch.stack([state, torch.where(has_word, state * (self.unk + 1) + word, -1)]).cpu().numpy()
+        values, after = self._word_values(keys.reshape(-1))
+        after = np.where(keys.reshape(-1) >= 0, after, states.reshape(-1))
+        values = values + self.weight * self._end_log_probs(after)
+        return torch.from_numpy(values.reshape(state.shape)).to(state.device)
 
     # ------------------------------------------------------------ the decoder's automaton
 
