@@ -11,9 +11,11 @@ The functions (:func:`greedy_decode`, :func:`beam_search`) are what the decoder 
 :class:`Decoder` call signature can stand in for them.
 
 The beam search optionally fuses priors over the text into its ranking (:class:`Fusion`): a character n-gram
-language model (:mod:`crnn.lm`), an insertion bonus per character, a lexicon (:mod:`crnn.lexicon`), and a set of
-allowed characters. Both the LM and the lexicon are finite automata over the text written out as dense tables,
-so each frame advances every prefix of every line with a few gathers, still without host syncs.
+language model (:mod:`crnn.lm`), an insertion bonus per character, a lexicon (:mod:`crnn.lexicon`), a set of
+allowed characters, hotwords (:mod:`crnn.hotwords`) and a word n-gram LM through KenLM (:mod:`crnn.word_lm`).
+The char LM, the lexicon, the hotwords and the word LM's vocabulary are finite automata over the text written out
+as dense tables, so each frame advances every prefix of every line with a few gathers, without host syncs; only
+the word LM's scores come from the host, once per frame for the candidates that end a word.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crnn.hotwords import Hotwords, HotwordTables
 from crnn.lexicon import Lexicon, LexiconTables
 from crnn.lm import LMTables, NgramLM
+from crnn.word_lm import WordLM, WordLMTables
 
 __all__ = ["BeamSearchDecoder", "Decoded", "Decoder", "Fusion", "GreedyDecoder", "beam_search", "greedy_decode"]
 
@@ -62,7 +66,8 @@ class GreedyDecoder:
 
 class BeamSearchDecoder:
     """Prefix beam search (:func:`beam_search`) keeping ``beam_width`` prefixes per frame, optionally with a
-    character n-gram LM, an insertion bonus, a lexicon and a set of allowed characters (see :class:`Fusion`).
+    character n-gram LM, an insertion bonus, a lexicon, a set of allowed characters, hotwords and a word n-gram
+    LM (see :class:`Fusion`).
 
     Scores are the returned labelling's CTC log-probability ``log P(text | image)`` summed over its alignments,
     also when the ranking was fused (so a confidence stays a probability of the model).
@@ -76,7 +81,16 @@ class BeamSearchDecoder:
         lexicon_path: a word list, one entry per line, or None.
         lexicon_mode: ``"word"`` (every output word is an entry) or ``"line"`` (the whole output is an entry).
         allow: the characters the output may contain (all classes outside it are masked), or None for all.
-        charset: the recogniser's :class:`data.Charset`. Needed by the LM, the lexicon and ``allow``; may be
+        word_lm_path: an ARPA or KenLM binary word n-gram model (needs ``kenlm``), or None.
+        word_lm_weight: weight of ``log P_word(text)``: per word, scored when it ends (space, end of line).
+        word_unk_offset: added to ``log P_word`` (natural log, before the weight) of a word outside the word LM's
+            vocabulary, and while the partial word is no prefix of a vocabulary word.
+        word_bonus: added to the ranking score per word the word LM scores.
+        word_lm_vocabulary: the word LM's words, a file with one per line (needed for a binary KenLM model;
+            default: the ARPA file's unigrams).
+        hotwords: words or phrases to boost, a list or a file path (one per line), or None.
+        hotword_weight: added per character of a hotword occurrence (see :mod:`crnn.hotwords`).
+        charset: the recogniser's :class:`data.Charset`. Needed by every fused prior; may be
             given later with :meth:`bind` (``CRNNModule`` binds its own).
         token_min_logp: per frame, non-blank classes below this log-probability (but the frame's most likely)
             are pruned, and frames left with the blank only are skipped (:func:`beam_search`); the default -5 is
@@ -85,7 +99,9 @@ class BeamSearchDecoder:
 
     def __init__(self, beam_width: int = 10, lm_path: str | None = None, lm_weight: float = 0.5,
                  insertion_bonus: float = 0.0, lexicon_path: str | None = None, lexicon_mode: str = "word",
-                 allow: str | None = None, charset=None, token_min_logp: float | None = -5.0):
+                 allow: str | None = None, word_lm_path: str | None = None, word_lm_weight: float = 0.5,
+                 word_unk_offset: float = -10.0, word_bonus: float = 0.0, word_lm_vocabulary: str | None = None,
+                 hotwords=None, hotword_weight: float = 2.0, charset=None, token_min_logp: float | None = -5.0):
         if beam_width < 1:
             raise ValueError(f"beam_width must be positive, got {beam_width}")
         if token_min_logp is not None and not token_min_logp <= 0:
@@ -99,22 +115,29 @@ class BeamSearchDecoder:
         self.lexicon = Lexicon.from_file(lexicon_path, lexicon_mode) if lexicon_path else None
         self.allow = allow
         self.token_min_logp = None if token_min_logp is None else float(token_min_logp)
-        self.fused = self.lm is not None or self.lexicon is not None or allow is not None or insertion_bonus != 0
+        self.word_lm = WordLM(word_lm_path, word_lm_weight, word_unk_offset, word_bonus, word_lm_vocabulary) \
+            if word_lm_path else None
+        if hotwords is not None and not isinstance(hotwords, str):  # Hydra's ListConfig, a tuple: the words
+            hotwords = list(hotwords)
+        self.hotwords = Hotwords(hotwords, hotword_weight) if hotwords else None
+        self.fused = any(x is not None for x in (self.lm, self.lexicon, allow, self.word_lm, self.hotwords)) \
+            or insertion_bonus != 0
         self.fusion: Fusion | None = None
         if charset is not None:
             self.bind(charset)
 
     def bind(self, charset) -> BeamSearchDecoder:
-        """Compile the LM, lexicon and allowed characters for ``charset`` (a :class:`data.Charset`); returns self."""
+        """Compile the LMs, lexicon, allowed characters and hotwords for ``charset`` (a :class:`data.Charset`);
+        returns self."""
         if self.fused:
             self.fusion = Fusion.build(charset, self.lm, self.lm_weight, self.insertion_bonus, self.lexicon,
-                                       self.allow)
+                                       self.allow, self.word_lm, self.hotwords)
         return self
 
     def __call__(self, log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
         if self.fused and self.fusion is None:
-            raise RuntimeError("BeamSearchDecoder with an LM, lexicon, allow or insertion bonus needs the charset: "
-                               "pass charset= or call bind(charset)")
+            raise RuntimeError("BeamSearchDecoder with an LM, lexicon, allow, hotwords or insertion bonus needs the "
+                               "charset: pass charset= or call bind(charset)")
         if self.fusion is not None and self.fusion.step.device != log_probs.device:  # move the tables once
             self.fusion = self.fusion.to(log_probs.device, self.fusion.step.dtype)
         return beam_search(log_probs, input_lengths, beam_width=self.beam_width, blank=blank, fusion=self.fusion,
@@ -124,7 +147,9 @@ class BeamSearchDecoder:
         extras = "".join([f", lm={self.lm!r}, lm_weight={self.lm_weight}" if self.lm else "",
                           f", insertion_bonus={self.insertion_bonus}" if self.insertion_bonus else "",
                           f", lexicon={self.lexicon!r}" if self.lexicon else "",
-                          f", allow={self.allow!r}" if self.allow is not None else ""])
+                          f", allow={self.allow!r}" if self.allow is not None else "",
+                          f", word_lm={self.word_lm!r}" if self.word_lm else "",
+                          f", hotwords={self.hotwords!r}" if self.hotwords else ""])
         return f"BeamSearchDecoder(beam_width={self.beam_width}, token_min_logp={self.token_min_logp}{extras})"
 
 
@@ -136,10 +161,18 @@ class Fusion(NamedTuple):
     lexicon node. Without an LM the LM tables have one state (the bonus only); without a lexicon the lexicon
     tables have one accepting node that everything leads back to.
 
+    Hotwords (:mod:`crnn.hotwords`) and a word LM (:mod:`crnn.word_lm`) add to that ranking score what they score
+    at each word end (the word LM's ``weight * log P(word | history)``, a completed hotword's bonus), plus a
+    *potential* of the current partial word (the hotword bonus of a partial match, the word LM's penalty of a
+    partial word outside its vocabulary) that is taken back when the word ends: a candidate's prior is the
+    parent's, plus the transition's score, plus ``potential(new state) - potential(old state)``.
+
     ``step``: ``(S, C)`` float ``lm_weight * log P_lm(c | state) + insertion_bonus`` (0 for the blank);
     ``lm_next``: ``(S, C)`` int64; ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
     ``lexicon``: :class:`crnn.lexicon.LexiconTables`; ``class_mask``: ``(C,)`` float, 0 for allowed classes
-    (and the blank), ``-inf`` for the others, added to the log-probs.
+    (and the blank), ``-inf`` for the others, added to the log-probs; ``word_lm``: the vocabulary trie
+    (:class:`crnn.word_lm.WordLMTables`) and ``word_scorer`` the host-side :class:`crnn.word_lm.WordLM`, or None;
+    ``hotwords``: :class:`crnn.hotwords.HotwordTables`, or None.
     """
 
     step: Tensor
@@ -148,10 +181,14 @@ class Fusion(NamedTuple):
     lm_start: int
     lexicon: LexiconTables
     class_mask: Tensor
+    word_lm: WordLMTables | None = None
+    word_scorer: WordLM | None = None
+    hotwords: HotwordTables | None = None
 
     @classmethod
     def build(cls, charset, lm: NgramLM | None = None, lm_weight: float = 0.5, insertion_bonus: float = 0.0,
-              lexicon: Lexicon | None = None, allow: str | None = None) -> Fusion:
+              lexicon: Lexicon | None = None, allow: str | None = None, word_lm: WordLM | None = None,
+              hotwords: Hotwords | None = None) -> Fusion:
         """Compile the priors for ``charset`` (a :class:`data.Charset`); an ``allow`` character outside it is an
         error."""
         num_classes = charset.num_classes
@@ -175,13 +212,23 @@ class Fusion(NamedTuple):
                 raise ValueError(f"allow: characters {''.join(outside)!r} are not in the model's charset")
             class_mask = torch.where(not_blank & ~torch.tensor([char is not None and char in allow for char in class_chars]),
                                      float("-inf"), 0.0)
-        return cls(step, tables.next_state, lm_weight * tables.end, tables.start, lexicon_tables, class_mask)
+        return cls(step, tables.next_state, lm_weight * tables.end, tables.start, lexicon_tables, class_mask,
+                   word_lm.tables(class_chars) if word_lm is not None else None, word_lm,
+                   hotwords.tables(class_chars) if hotwords is not None else None)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Fusion:
         lexicon = LexiconTables(self.lexicon.next_state.to(device), self.lexicon.accepting.to(device),
                                 self.lexicon.start, self.lexicon.sink)
+        word_lm, hotwords = self.word_lm, self.hotwords
+        if word_lm is not None:
+            word_lm = word_lm._replace(continues=word_lm.continues.to(device), edge_key=word_lm.edge_key.to(device),
+                                       edge_child=word_lm.edge_child.to(device), word_id=word_lm.word_id.to(device))
+        if hotwords is not None:
+            hotwords = hotwords._replace(next_state=hotwords.next_state.to(device),
+                                         potential=hotwords.potential.to(device, dtype),
+                                         commit=hotwords.commit.to(device, dtype))
         return Fusion(self.step.to(device, dtype), self.lm_next.to(device), self.lm_end.to(device, dtype),
-                      self.lm_start, lexicon, self.class_mask.to(device, dtype))
+                      self.lm_start, lexicon, self.class_mask.to(device, dtype), word_lm, self.word_scorer, hotwords)
 
 
 def greedy_decode(log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:
@@ -212,8 +259,8 @@ class _Beams(NamedTuple):
 
     A prefix is identified by ``key``, a rolling hash of its labels (two 31-bit residues packed into
     int64); ``parent_key`` is the key of the prefix without its last label. Slots with
-    ``p_blank = p_label = -inf`` are dead and may duplicate a live prefix. The last three fields are None
-    without a :class:`Fusion`.
+    ``p_blank = p_label = -inf`` are dead and may duplicate a live prefix. The fields from ``prior`` on are None
+    without a :class:`Fusion`; the last three also without its word LM or hotwords.
     """
 
     p_blank: Tensor  # float log P(prefix, path ends in blank)
@@ -221,9 +268,12 @@ class _Beams(NamedTuple):
     last: Tensor  # int64 last label, -1 for the empty prefix
     key: Tensor  # int64 hash of the labels
     parent_key: Tensor  # int64 hash of the labels but the last
-    prior: Tensor | None = None  # float lm_weight * log P_lm(prefix) + insertion_bonus * |prefix|
+    prior: Tensor | None = None  # float lm_weight * log P_lm(prefix) + insertion_bonus * |prefix| + ...
     lm_state: Tensor | None = None  # int64 LM state after the prefix
     lexicon_state: Tensor | None = None  # int64 lexicon node after the prefix
+    word_state: Tensor | None = None  # int64 word LM state id (WordLM.states) after the prefix's finished words
+    word_node: Tensor | None = None  # int64 vocabulary trie node of the prefix's partial word
+    hotword_state: Tensor | None = None  # int64 hotword automaton state after the prefix
 
 
 def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0,
@@ -438,15 +488,29 @@ def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None =
     beams = _Beams(p_blank, torch.full_like(p_blank, float("-inf")), zeros - 1, zeros, zeros)
     if fusion is None:
         return beams
-    return beams._replace(prior=like.new_zeros(batch, width), lm_state=zeros + fusion.lm_start,
-                          lexicon_state=zeros + fusion.lexicon.start)
+    beams = beams._replace(prior=like.new_zeros(batch, width), lm_state=zeros + fusion.lm_start,
+                           lexicon_state=zeros + fusion.lexicon.start)
+    if fusion.word_lm is not None:
+        beams = beams._replace(word_state=zeros, word_node=zeros + fusion.word_lm.root)
+    if fusion.hotwords is not None:
+        beams = beams._replace(hotword_state=zeros + fusion.hotwords.root)
+    return beams
 
 
 def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
-    """``(B, K)`` what the fusion adds to a finished prefix: its prior, the LM's end of line, and ``-inf`` where
-    the lexicon does not accept it."""
+    """``(B, K)`` what the fusion adds to a finished prefix: its prior, the LM's end of line, the word LM's last
+    word and end of line, the hotword ending the line (potentials taken back), and ``-inf`` where the lexicon
+    does not accept it. With a word LM: one host sync."""
     accepted = fusion.lexicon.accepting[beams.lexicon_state]
-    return torch.where(accepted, beams.prior + fusion.lm_end[beams.lm_state], float("-inf"))
+    prior = beams.prior + fusion.lm_end[beams.lm_state]
+    if fusion.word_lm is not None:
+        tables, node = fusion.word_lm, beams.word_node
+        prior = prior - tables.potential(node, prior.dtype) + fusion.word_scorer.score_ends(
+            beams.word_state, tables.word_id[node], node != tables.root).to(prior.dtype)
+    if fusion.hotwords is not None:
+        state = beams.hotword_state
+        prior = prior + fusion.hotwords.commit[state] - fusion.hotwords.potential[state]
+    return torch.where(accepted, prior, float("-inf"))
 
 
 def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
@@ -461,7 +525,8 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
         beams: current ``K`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
-        fusion: priors to rank by and the lexicon to obey, or None.
+        fusion: priors to rank by and the lexicon to obey, or None. With a word LM: one host sync (the word
+            LM's scores of the candidates that end a word).
         candidates: each line's candidate classes of a pruned search (:class:`_Candidates`), or None for all
             ``C``. Where skipped certain blanks came before the frame (``candidates.after_blank``), all mass of
             the line's prefixes first moves into their ends-in-blank part.
@@ -514,7 +579,7 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
         scores.scatter_(2, stay_column[:, None, :].expand(-1, width, -1), stay_total[..., None])
     scores = extend
     if fusion is not None:  # the blank columns of the step table are 0
-        candidate_prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
+        candidate_prior, words_after = _candidate_prior(beams, total, fusion, classes)
         candidate_prior = candidate_prior.view(batch, width * num_candidates)
         ranking = scores + candidate_prior
     else:
@@ -533,13 +598,61 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = 
         key=torch.where(extended, _extend_hash(parent_key, label), parent_key),
         parent_key=torch.where(extended, parent_key, beams.parent_key.gather(1, parent)),
     )
-    if fusion is not None:  # the blank columns of the tables keep the state, so stays need no special case
-        new_beams = new_beams._replace(
-            prior=candidate_prior.gather(1, chosen),
-            lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
-            lexicon_state=_next_state(fusion.lexicon.next_state, beams.lexicon_state.gather(1, parent), label),
-        )
+    if fusion is not None:
+        new_beams = _advance_fusion(new_beams._replace(prior=candidate_prior.gather(1, chosen)), beams, fusion,
+                                    parent, label, words_after)
     return new_beams, parent, label
+
+
+def _candidate_prior(beams: _Beams, total: Tensor, fusion: Fusion, classes: Tensor | None
+                     ) -> tuple[Tensor, Tensor | None]:
+    """The prior of every candidate, ``(B, K, N)`` by slot and candidate column (all ``C`` classes without
+    ``classes`` ``(B, N)``; the blank column: the prefix unchanged, prior unchanged), and with a word LM ``(B, K)``
+    int64 the word LM state id after the slot's partial word (where it ends a word), else None. ``total``:
+    ``(B, K)`` the slots' CTC log-probs (``-inf``: dead). The word LM's and hotwords' terms are computed for all
+    ``C`` classes, then the candidates' columns taken."""
+    prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
+    words_after, change = None, None
+    if fusion.word_lm is not None:
+        tables, node = fusion.word_lm, beams.word_node
+        potential = tables.potential(node, prior.dtype)
+        change = (~tables.continues[node]).to(prior.dtype) * tables.penalty - potential[..., None]
+        change[..., tables.blank] = 0.0
+        if tables.space >= 0:  # the space ends a non-empty partial word: the host scores the word
+            ends_word = (node != tables.root) & (total > float("-inf"))
+            value, words_after = fusion.word_scorer.score_words(beams.word_state, tables.word_id[node], ends_word)
+            change[..., tables.space] = value.to(prior.dtype) - potential
+    if fusion.hotwords is not None:
+        tables, state = fusion.hotwords, beams.hotword_state
+        boost = tables.potential[tables.next_state[state]] - tables.potential[state][..., None]
+        if tables.space >= 0:  # a word end after a hotword earns it
+            boost[..., tables.space] += tables.commit[state]
+        change = boost if change is None else change + boost
+    if change is not None:
+        prior = prior + (change if classes is None else change.gather(2, classes[:, None, :].expand_as(prior)))
+    return prior, words_after
+
+
+def _advance_fusion(new_beams: _Beams, beams: _Beams, fusion: Fusion, parent: Tensor, label: Tensor,
+                    words_after: Tensor | None) -> _Beams:
+    """``new_beams`` with the automata states of the chosen candidates: the parent slot's states advanced by the
+    appended label (``(B, K)`` ``parent``, ``label``). The blank columns of the tables keep the state, so stays
+    need no special case."""
+    new_beams = new_beams._replace(
+        lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
+        lexicon_state=_next_state(fusion.lexicon.next_state, beams.lexicon_state.gather(1, parent), label),
+    )
+    if fusion.word_lm is not None:
+        tables = fusion.word_lm
+        node, state = beams.word_node.gather(1, parent), beams.word_state.gather(1, parent)
+        if words_after is not None:
+            ends_word = (label == tables.space) & (node != tables.root)
+            state = torch.where(ends_word, words_after.gather(1, parent), state)
+        new_beams = new_beams._replace(word_state=state, word_node=tables.next_node(node, label))
+    if fusion.hotwords is not None:
+        new_beams = new_beams._replace(
+            hotword_state=fusion.hotwords.next_state[beams.hotword_state.gather(1, parent), label])
+    return new_beams
 
 
 def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 search fuses with (:mod:`crnn.decoding`).
 
 Tokens are single characters; the space is written ``<space>`` in ARPA files (ARPA separates tokens by
-whitespace), a line is wrapped in ``<s> ... </s>``. Log-probabilities in ARPA files are base 10 (the format's
+whitespace), a line is wrapped in ``<s> ... </s>``. :func:`witten_bell` also estimates word models
+(``tokenize=word_tokens``) for KenLM (:mod:`crnn.word_lm`); :class:`NgramLM`'s queries are for character models. Log-probabilities in ARPA files are base 10 (the format's
 convention); everything this module returns is natural log.
 
 A back-off model is queried through its *state*: the longest suffix of the history that is an n-gram of the
@@ -17,14 +18,14 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BOS", "EOS", "SPACE", "UNK", "LMTables", "NgramLM", "char_tokens", "witten_bell"]
+__all__ = ["BOS", "EOS", "SPACE", "UNK", "LMTables", "NgramLM", "char_tokens", "witten_bell", "word_tokens"]
 
 BOS, EOS, UNK, SPACE = "<s>", "</s>", "<unk>", "<space>"
 LN10 = math.log(10.0)
@@ -37,6 +38,11 @@ Ngram = tuple[str, ...]
 def char_tokens(text: str) -> list[str]:
     """The LM tokens of ``text``: one per character, the space written :data:`SPACE`."""
     return [SPACE if char == " " else char for char in text]
+
+
+def word_tokens(text: str) -> list[str]:
+    """The LM tokens of ``text`` for a word model: its whitespace-separated words."""
+    return text.split()
 
 
 class LMTables(NamedTuple):
@@ -215,7 +221,7 @@ class NgramLM:
             out.write("\n\\end\\\n")
 
 
-def witten_bell(lines: Iterable[str], order: int) -> NgramLM:
+def witten_bell(lines: Iterable[str], order: int, tokenize: Callable[[str], list[str]] = char_tokens) -> NgramLM:
     """Interpolated Witten-Bell n-gram model of the lines, written in back-off form.
 
     ``P(w | h) = (c(hw) + T(h) P(w | h')) / (c(h) + T(h))`` with ``c(h)`` the count of ``h`` as a context,
@@ -227,12 +233,13 @@ def witten_bell(lines: Iterable[str], order: int) -> NgramLM:
     Args:
         lines: training text, one line per item (each wrapped in ``<s> ... </s>``).
         order: ``N``, at least 1.
+        tokenize: a line's tokens: :func:`char_tokens` (a character model), :func:`word_tokens` (a word model).
     """
     if order < 1:
         raise ValueError(f"order must be at least 1, got {order}")
     counts: list[Counter[Ngram]] = [Counter() for _ in range(order)]
     for line in lines:
-        tokens = [BOS, *char_tokens(line), EOS]
+        tokens = [BOS, *tokenize(line), EOS]
         for end in range(1, len(tokens)):  # the predicted token is never <s>
             for length in range(1, min(order, end + 1) + 1):
                 counts[length - 1][tuple(tokens[end + 1 - length : end + 1])] += 1

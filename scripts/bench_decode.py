@@ -5,6 +5,8 @@ Example::
     python scripts/bench_decode.py --lines 256 --frames 32 --classes 11 --beam-width 10 --repeats 5
     python scripts/bench_decode.py --checkpoint last.ckpt --data /tmp/codes/test --lm codes.arpa \
         --lexicon codes.txt --lexicon-mode line --beam-widths 10 50
+    python scripts/bench_decode.py --checkpoint text.ckpt --data /tmp/words/test --lm chars6.arpa \
+        --word-lm words3.arpa --word-lm-weight 0.5 --beam-widths 10
 
 Without ``--checkpoint``: random log-probs, our decoders timed against pyctcdecode without LM, both with the same
 ``--token-min-logp`` (default -5, pyctcdecode's; ``none``: no class is skipped, ``-inf`` for pyctcdecode) and
@@ -20,12 +22,15 @@ rate of its most confident 50 / 80 / 95 % of lines (confidence: the decoder's sc
 ``--token-min-logp`` (default -5; ``none``: the exact search). pyctcdecode decodes with its default pruning
 (``token_min_logp=-5``, ``beam_prune_logp=-10``) and the same ARPA file through KenLM: every character is made
 its own "word" (labels ``▁c``), so KenLM scores the character n-gram with ``alpha = --lm-weight`` and
-``beta = --insertion-bonus``, the same fused score as ours. pyctcdecode and kenlm are benchmark-only
-dependencies (skipped when missing).
+``beta = --insertion-bonus``, the same fused score as ours. With ``--word-lm`` (a word KenLM model): beam + word
+LM, beam + char LM + word LM (with ``--lm``), and pyctcdecode with the same word model as its own word-level LM
+(``alpha = --word-lm-weight``, ``beta = --word-bonus``, ``unk_score_offset = --word-unk-offset / ln 10``); our
+rows also print the share of the decoding time spent on the host scoring words. With ``--hotwords``: beam +
+hotwords. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
 
 Several ``--lm-weight`` and ``--insertion-bonus`` values make a grid, for tuning them on a validation set: every
-fused decoder runs at every ``(weight, bonus)`` pair, the LM and lexicon tables compiled once (pyctcdecode rows
-only with a single pair).
+fused decoder runs at every ``(weight, bonus)`` pair, the LM and lexicon tables compiled once (pyctcdecode rows,
+word LM and hotword rows only with a single pair).
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accuracy.add_argument("--insertion-bonus", type=float, nargs="+", default=[0.0], help="several: a grid (tuning)")
     accuracy.add_argument("--lexicon", help="word list, one entry per line")
     accuracy.add_argument("--lexicon-mode", choices=LEXICON_MODES, default="word")
+    accuracy.add_argument("--word-lm", help="word n-gram model (ARPA or KenLM binary; needs kenlm)")
+    accuracy.add_argument("--word-lm-weight", type=float, default=0.5)
+    accuracy.add_argument("--word-unk-offset", type=float, default=-10.0)
+    accuracy.add_argument("--word-bonus", type=float, default=0.0)
+    accuracy.add_argument("--hotwords", nargs="+", help="words or phrases to boost")
+    accuracy.add_argument("--hotword-weight", type=float, default=2.0)
     accuracy.add_argument("--beam-widths", type=int, nargs="+", default=[10, 50])
     accuracy.add_argument("--batch-size", type=int, default=256, help="lines per decoder call")
     return parser.parse_args(argv)
@@ -173,6 +184,7 @@ def median_pass(repeats: int, run: Callable[..., Scored], *args) -> Scored:
 
 def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
     texts, scores, seconds = [], [], 0.0
+    host = time_word_scoring(decoder)
     for batch in batches:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -182,7 +194,29 @@ def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) ->
         seconds += time.perf_counter() - start
         texts += [charset.decode(ids) for ids in labels]
         scores += line_scores
+    if host is not None:
+        print(f"  host word scoring: {host[0] / seconds:.1%} of the decoding time, {len(decoder.word_lm.states):,} "
+              "KenLM states", flush=True)
     return Scored(texts, scores, seconds)
+
+
+def time_word_scoring(decoder: Decoder) -> list[float] | None:
+    """With a word LM: wrap its host-side scoring so that its seconds add up in the returned one-item list."""
+    scorer = getattr(decoder, "word_lm", None)
+    if scorer is None:
+        return None
+    spent = [0.0]
+
+    def timed(method):
+        def run(*args):
+            start = time.perf_counter()
+            result = method(*args)
+            spent[0] += time.perf_counter() - start
+            return result
+        return run
+
+    scorer.score_words, scorer.score_ends = timed(scorer.score_words), timed(scorer.score_ends)
+    return spent
 
 
 def pyctcdecode_char_decoder(charset, lm_path: str | None, alpha: float, beta: float):
@@ -200,7 +234,21 @@ def pyctcdecode_char_decoder(charset, lm_path: str | None, alpha: float, beta: f
                             alpha=alpha, beta=beta)
 
 
-def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int) -> Scored:
+def pyctcdecode_word_decoder(charset, args: argparse.Namespace):
+    """pyctcdecode with its labels the charset's characters and ``--word-lm`` as its word-level KenLM model; None if
+    pyctcdecode or kenlm is missing."""
+    try:
+        import kenlm  # noqa: F401
+        from pyctcdecode import build_ctcdecoder
+    except ImportError:
+        return None
+    labels = ["" if c == charset.blank else charset.decode([c]) for c in range(charset.num_classes)]
+    return build_ctcdecoder(labels, kenlm_model_path=args.word_lm, alpha=args.word_lm_weight, beta=args.word_bonus,
+                            unk_score_offset=args.word_unk_offset / math.log(10))
+
+
+def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int, words: bool = False) -> Scored:
+    """pyctcdecode's best text per line; ``words``: its labels are characters (not ``▁c`` tokens)."""
     texts, scores, seconds = [], [], 0.0
     for batch in batches:
         lines = [line[:n] for line, n in zip(batch.log_probs.transpose(0, 1).double().cpu().numpy(),
@@ -208,7 +256,8 @@ def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int) -> Scored
         start = time.perf_counter()
         best = [decoder.decode_beams(line, beam_width=beam_width)[0] for line in lines]
         seconds += time.perf_counter() - start
-        texts += ["".join(" " if word == SPACE else word for word in text.split()) for text, *_ in best]
+        texts += [text if words else "".join(" " if word == SPACE else word for word in text.split())
+                  for text, *_ in best]
         scores += [beam[3] for beam in best]  # logit_score: pyctcdecode's acoustic score of the text
     return Scored(texts, scores, seconds)
 
@@ -279,6 +328,19 @@ def accuracy_main(args: argparse.Namespace) -> None:
                 lambda log_probs, lengths, blank, width=width, fusion=fusion:
                 beam_search(log_probs, lengths, beam_width=width, blank=blank, fusion=fusion,
                             token_min_logp=args.token_min_logp))
+        if single:
+            common = dict(charset=charset, token_min_logp=args.token_min_logp)
+            words = dict(word_lm_path=args.word_lm, word_lm_weight=args.word_lm_weight,
+                         word_unk_offset=args.word_unk_offset, word_bonus=args.word_bonus, **common)
+            if args.word_lm:
+                decoders[f"beam {width} + word LM"] = BeamSearchDecoder(width, **words)
+            if args.word_lm and args.lm:
+                decoders[f"beam {width} + char LM + word LM"] = BeamSearchDecoder(
+                    width, lm_path=args.lm, lm_weight=args.lm_weight[0], insertion_bonus=args.insertion_bonus[0],
+                    **words)
+            if args.hotwords:
+                decoders[f"beam {width} + hotwords"] = BeamSearchDecoder(
+                    width, hotwords=args.hotwords, hotword_weight=args.hotword_weight, **common)
         for name, decoder in decoders.items():
             runs[name] = median_pass(args.repeats, run_ours, decoder, batches, charset, args.device)
             print(accuracy_row(name, runs[name], references), flush=True)
@@ -296,6 +358,41 @@ def accuracy_main(args: argparse.Namespace) -> None:
             agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
             print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text on {agree:.1%}"
                   " of lines", flush=True)
+        if args.word_lm:
+            theirs = pyctcdecode_word_decoder(charset, args)
+            if theirs is None:
+                print("(pyctcdecode + kenlm not installed: skipped)")
+                continue
+            name = f"pyctcdecode {width} + KenLM (same word LM)"
+            runs[name] = median_pass(args.repeats, lambda *run: run_pyctcdecode(*run, words=True), theirs, batches,
+                                     width)
+            print(accuracy_row(name, runs[name], references), flush=True)
+            ours = runs[f"beam {width} + word LM"]
+            agree = sum(" ".join(a.split()) == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
+            print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text (whitespace "
+                  f"normalised) on {agree:.1%} of lines", flush=True)
+
+
+def time_word_lm(args: argparse.Namespace, log_probs: torch.Tensor, lengths: torch.Tensor, beam_s: float) -> None:
+    """The beam search with ``--word-lm`` on the random log-probs, the last class being the space: its time, the
+    ratio to the plain search's ``beam_s``, and the share spent on the host scoring words (the per-frame cost)."""
+    from data import Charset
+
+    symbols = [char for char in vocabulary(args.classes, args.blank) if char][:-1] + [" "]
+    decoder = BeamSearchDecoder(args.beam_width, word_lm_path=args.word_lm, word_lm_weight=args.word_lm_weight,
+                                word_unk_offset=args.word_unk_offset, word_bonus=args.word_bonus,
+                                charset=Charset("".join(symbols), blank=args.blank))
+    spent = time_word_scoring(decoder)
+    seconds, _ = median_seconds(lambda: decoder(log_probs, lengths, args.blank), args.repeats, args.device)
+    spent[0] = 0.0
+    start = time.perf_counter()
+    decoder(log_probs, lengths, args.blank)
+    host_share = spent[0] / (time.perf_counter() - start)
+    report("beam_search + word LM", seconds, args.lines)
+    print(f"word LM: {seconds / beam_s:.2f}x the plain search's time, {(seconds - beam_s) / args.frames * 1e3:.2f} ms "
+          f"more per frame ({args.lines} lines x {args.beam_width} beams), host word scoring {host_share:.0%} of the "
+          f"decoding time; "
+          f"{len(decoder.word_lm.states):,} KenLM states cached")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -323,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, args.device
     )
     report("beam_search (ours)", beam_s, args.lines)
+    if args.word_lm:
+        time_word_lm(args, on_device, lengths, beam_s)
 
     labels = vocabulary(args.classes, args.blank)
     decoder = pyctcdecode_decoder(labels)

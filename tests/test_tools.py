@@ -132,6 +132,34 @@ def test_predict_beam_options_constrain_the_output(checkpoint, image_dir, tmp_pa
         predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--lm", str(lm)])
 
 
+def test_predict_hotword_options(checkpoint, image_dir, tmp_path):
+    """A heavy hotword bonus makes every line the hotword (the digits charset has no space: a line is one word)."""
+    predict = load_script("predict")
+    base = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"]
+    boosted = predict.main([*base, "--hotwords", "123", "--hotword-weight", "50"])
+    assert [text for _, text, _ in boosted] == ["123"] * len(boosted)
+    (tmp_path / "hot.txt").write_text("4567\n", encoding="utf-8")
+    assert {text for _, text, _ in predict.main([*base, "--hotwords-file", str(tmp_path / "hot.txt"),
+                                                 "--hotword-weight", "50"])} == {"4567"}
+    with pytest.raises(SystemExit, match="not both"):
+        predict.main([*base, "--hotwords", "1", "--hotwords-file", str(tmp_path / "hot.txt")])
+    with pytest.raises(SystemExit, match="--word-lm needs --decoder beam"):
+        predict.main(["--checkpoint", str(checkpoint), str(image_dir), "--word-lm", "x.arpa"])
+
+
+def test_predict_word_lm_option(checkpoint, image_dir, tmp_path):
+    """A heavy word LM with a heavy penalty for unknown words keeps the output to its vocabulary (or empty)."""
+    pytest.importorskip("kenlm")
+    predict = load_script("predict")
+    base = ["--checkpoint", str(checkpoint), str(image_dir), "--device", "cpu", "--decoder", "beam"]
+    (tmp_path / "codes.txt").write_text("123\n4567\n", encoding="utf-8")
+    words = tmp_path / "words.arpa"
+    load_script("train_char_lm").main([str(tmp_path / "codes.txt"), "--unit", "word", "--order", "2",
+                                       "--output", str(words)])
+    with_words = predict.main([*base, "--word-lm", str(words), "--word-lm-weight", "5", "--word-unk-offset", "-50"])
+    assert all(text in ("123", "4567", "") for _, text, _ in with_words) and len(with_words) == 5
+
+
 def test_predict_reads_only_formats_pillow_opens_and_rejects_a_zero_batch(checkpoint, image_dir, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
