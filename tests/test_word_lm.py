@@ -118,11 +118,12 @@ def word_arpa(tmp_path):
     return str(path)
 
 
-def check_unbounded_beam(charset, decoder, extra, seed, allowed=lambda text: True):
+def check_unbounded_beam(charset, decoder, extra, seed, allowed=lambda text: True, token_min_logp=None):
+    """``token_min_logp``: None, the exact search; ``-inf``, the pruned search's code path pruning nothing."""
     num_classes = charset.num_classes
     log_probs = random_log_probs((6, 5, num_classes), seed=seed, scale=1.5)
     lengths = torch.tensor([6, 6, 5, 3, 0])
-    decoder.beam_width = unbounded(6, num_classes)
+    decoder.beam_width, decoder.token_min_logp = unbounded(6, num_classes), token_min_logp
     labellings, scores = decoder.bind(charset)(log_probs, lengths, charset.blank)
     for b, length in enumerate(lengths.tolist()):
         text, log_p = exhaustive_best(log_probs[:length, b], charset, extra, allowed)
@@ -151,8 +152,9 @@ def test_word_lm_without_a_space_class_scores_the_line_as_one_word(word_arpa):
     check_unbounded_beam(Charset("abc"), decoder, lambda text: kenlm_words_score(model, text, 1.5, -1.0, 0.0), seed=4)
 
 
+@pytest.mark.parametrize("token_min_logp", [None, float("-inf")])
 @pytest.mark.parametrize("blank", [0, 2])
-def test_word_lm_combines_with_char_lm_lexicon_hotwords_and_bonus(word_arpa, blank):
+def test_word_lm_combines_with_char_lm_lexicon_hotwords_and_bonus(word_arpa, blank, token_min_logp):
     kenlm = pytest.importorskip("kenlm")
     model = kenlm.Model(word_arpa)
     char_lm = witten_bell(WORD_CORPUS, 3)
@@ -166,7 +168,8 @@ def test_word_lm_combines_with_char_lm_lexicon_hotwords_and_bonus(word_arpa, bla
         return (kenlm_words_score(model, text, 0.8, -3.0, 0.2) + 0.5 * char_lm.score(text) + 0.3 * len(text)
                 + hotword_score(text, hotwords, 0.6))
 
-    check_unbounded_beam(Charset("ab ", blank=blank), decoder, extra, seed=11 + blank, allowed=lexicon.__contains__)
+    check_unbounded_beam(Charset("ab ", blank=blank), decoder, extra, seed=11 + blank, allowed=lexicon.__contains__,
+                         token_min_logp=token_min_logp)
 
 
 def test_a_strong_word_lm_changes_the_decision(word_arpa):
@@ -183,7 +186,7 @@ def test_word_lm_goes_to_the_host_once_per_frame(word_arpa):
     """The device-to-host transfers are the word LM's: one per frame (:meth:`WordLM.score_words`) and one for the
     line ends; no other value reads grow with the number of frames."""
     pytest.importorskip("kenlm")
-    decoder = BeamSearchDecoder(4, word_lm_path=word_arpa, charset=Charset("ab "))
+    decoder = BeamSearchDecoder(4, word_lm_path=word_arpa, charset=Charset("ab "), token_min_logp=None)
     scorer = decoder.word_lm
     calls = []
     score_words, score_ends = scorer.score_words, scorer.score_ends
