@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from losses.logspace import NEG_INF
 from losses.scaled_alpha_beta import scaled_state_posteriors
-from losses.state_layout import PAD, alpha_emissions, emission_sources, start_and_skip
+from losses.state_layout import PAD, alpha_emissions, beta_restarts, emission_sources, start_and_skip
 from losses.targets import final_log_likelihood
 
 
@@ -73,10 +73,7 @@ def _recursions(sources, index, start, skip_bias, input_lengths):
     predecessors[..., :PAD] = NEG_INF  # the steps write from the first state on
     predecessors[0] = start
     previous = start.flatten().clone()  # the row before, emission included
-    restart = None
-    if num_recursions == 2 and bool((input_lengths < num_frames).any()):  # beta starts at each sample's end
-        frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
-        restart = (frame[:, None] >= input_lengths - 1)[:, :, None]  # (T, B, 1) per step k
+    restart = beta_restarts(input_lengths, num_frames) if num_recursions == 2 else None
     scratch = _LogSumExp3Scratch(previous.numel() - PAD, previous.dtype, previous.device)
     emission = torch.empty_like(start)
     for k in range(num_frames):

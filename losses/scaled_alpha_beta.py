@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses.state_layout import PAD, alpha_emissions, emission_sources, pad_states, start_and_skip
+from losses.state_layout import PAD, alpha_emissions, beta_restarts, emission_sources, pad_states, start_and_skip
 from losses.targets import final_log_likelihood
 
 
@@ -68,10 +68,7 @@ def _scaled_recursions(sources, index, start, skip, input_lengths):
     before[..., :PAD] = 0.0  # the steps write from the first state on
     scale = sources.new_empty(num_frames, start.shape[0] * start.shape[1])
     tiny = torch.finfo(sources.dtype).tiny
-    restart = None
-    if bool((input_lengths < num_frames).any()):  # beta starts at each sample's end
-        frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
-        restart = (frame[:, None] >= input_lengths - 1)[:, :, None]  # (T, B, 1) per step k
+    restart = beta_restarts(input_lengths, num_frames)
     after = start.clone()  # the row before, emission included, scaled
     emission = torch.empty_like(start)
     flat, rows = after.view(-1), after.view(scale.shape[1], -1)

@@ -80,3 +80,12 @@ def start_and_skip(states, can_skip, target_lengths, with_beta, dtype):
     start = pad_states(torch.stack(start).to(dtype).log())
     skip = pad_states(torch.stack(skip).to(dtype).log())
     return start, skip.flatten()[PAD:]
+
+
+def beta_restarts(input_lengths: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+    """``(T, B, 1)`` bool per loop step ``k``: beta's frame ``T-1-k`` is at or after the sample's last frame, so
+    beta (re)starts there from its start row; None when every input spans all ``T`` frames (one host sync)."""
+    if not bool((input_lengths < num_frames).any()):
+        return None
+    frame = num_frames - 1 - torch.arange(num_frames, device=input_lengths.device)
+    return (frame[:, None] >= input_lengths - 1)[:, :, None]
