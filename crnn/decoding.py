@@ -259,12 +259,13 @@ class _Beams(NamedTuple):
 
     A prefix is identified by ``key``, a rolling hash of its labels (two 31-bit residues packed into
     int64); ``parent_key`` is the key of the prefix without its last label. Slots with
-    ``p_blank = p_label = -inf`` are dead and may duplicate a live prefix. The fields from ``prior`` on are None
+    ``total = -inf`` are dead and may duplicate a live prefix. The fields from ``prior`` on are None
     without a :class:`Fusion`; the last three also without its word LM or hotwords.
     """
 
     p_blank: Tensor  # float log P(prefix, path ends in blank)
     p_label: Tensor  # float log P(prefix, path ends in its last label)
+    total: Tensor  # float log P(prefix): logaddexp(p_blank, p_label)
     last: Tensor  # int64 last label, -1 for the empty prefix
     key: Tensor  # int64 hash of the labels
     parent_key: Tensor  # int64 hash of the labels but the last
@@ -274,6 +275,20 @@ class _Beams(NamedTuple):
     word_state: Tensor | None = None  # int64 word LM state id (WordLM.states) after the prefix's finished words
     word_node: Tensor | None = None  # int64 vocabulary trie node of the prefix's partial word
     hotword_state: Tensor | None = None  # int64 hotword automaton state after the prefix
+
+    def widen(self, width: int) -> _Beams:
+        """The beams with dead slots added up to ``width``."""
+        pad = width - self.last.shape[1]
+        if pad == 0:
+            return self
+        values = (float("-inf"),) * 3 + (-1,) + (0,) * (len(self) - 4)  # dead; no prefix; valid states
+        return _Beams(*(None if field is None else F.pad(field, (0, pad), value=value)
+                        for field, value in zip(self, values)))
+
+    def split(self, rows: int) -> tuple[_Beams, _Beams]:
+        """The first ``rows`` lines, and the others."""
+        return (_Beams(*(None if field is None else field[:rows] for field in self)),
+                _Beams(*(None if field is None else field[rows:] for field in self)))
 
 
 def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, blank: int = 0,
@@ -287,12 +302,16 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
     identity uses a 62-bit hash: two different labellings in one line colliding has probability
     about ``2**-62`` per comparison.
 
+    Each frame, every prefix is extended by every *candidate* class of its line's frame (:class:`_Candidates`):
+    all ``C`` classes in the exact search, the classes that survive the pruning with ``token_min_logp``. The
+    ``(M, K)`` work of a frame, for ``M`` (line, candidate class) pairs and width ``K``, is a few dozen tensor
+    ops; then one top-k per line.
+
     With a ``fusion`` the candidates are ranked by ``log P_ctc + lm_weight * log P_lm + insertion_bonus * |y|``
     (the final choice also with the LM's end of line), extensions the lexicon does not allow are dropped, and
     classes outside ``allow`` get probability 0; the CTC probabilities the beam carries are unchanged by it. Per
-    frame this adds, for ``B`` lines, width ``K`` and ``C`` classes, one ``(B, K, C)`` gather of the LM table
-    and one of the lexicon table (the same order as the search's own ``(B, K, C)`` work) and ``(B, K)``
-    gathers of the next states; still no host sync.
+    frame this adds a few ``(M, K)`` gathers of the LM and lexicon tables and ``(B, K)`` gathers of the next
+    states; still no host sync.
 
     Args:
         log_probs: ``(T, B, C)`` float log-probabilities, ``C`` including the blank. Half
@@ -304,8 +323,8 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         token_min_logp: None searches every class of every frame. A number prunes (see :func:`_prune_frames`):
             a non-blank class below it on a frame, unless it is the frame's most likely class, gets probability
             0 there, frames left with the blank only are skipped, and each frame's extensions are only by the
-            classes that remain. The result is the exact search's on those pruned log-probs (apart from the order
-            among tied candidates), so scores sum over the paths through the kept classes only.
+            classes that remain. The result is the exact search's on those pruned log-probs, so scores sum over
+            the paths through the kept classes only.
 
     Returns:
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
@@ -316,26 +335,27 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be positive, got {beam_width}")
-    if log_probs.dtype in (torch.float16, torch.bfloat16):
+    if log_probs.dtype not in (torch.float32, torch.float64):
         log_probs = log_probs.float()
-    num_frames, batch, _ = log_probs.shape
+    num_frames, batch, num_classes = log_probs.shape
     if fusion is not None:
         fusion = fusion.to(log_probs.device, log_probs.dtype)
         log_probs = log_probs + fusion.class_mask
     log_probs = _blank_after_end(log_probs, input_lengths.to(log_probs.device), blank)
-    beams = _initial_beams(batch, beam_width, log_probs, fusion)
+    beams = _initial_beams(batch, log_probs, fusion)
     history = []
     if token_min_logp is None:
+        every_class = _Candidates.every_class(batch, num_classes, blank, log_probs.device)
         for t in range(num_frames):
-            beams, parent, label = _step(beams, log_probs[t], blank, fusion)
+            candidates = every_class._replace(log_probs=log_probs[t].reshape(-1, 1))
+            beams, parent, label = _step(beams, log_probs[t], blank, candidates, beam_width, fusion)
             history.append((parent, label))
     else:
         frames = _prune_frames(log_probs, blank, token_min_logp)
-        beams = _search_pruned(beams, frames, blank, fusion, history)
-    totals = torch.logaddexp(beams.p_blank, beams.p_label)
-    ranking = totals if fusion is None else totals + _final_prior(beams, fusion)
-    best = ranking.argmax(1)  # the first of equal maxima, like the tie rule in _top_k_first
-    scores = totals.gather(1, best[:, None])[:, 0]
+        beams = _search_pruned(beams, frames, blank, beam_width, fusion, history)
+    ranking = beams.total if fusion is None else beams.total + _final_prior(beams, fusion)
+    best = ranking.argmax(1)  # the first of equal maxima: slots are ranked, ties in (slot, class) order
+    scores = beams.total.gather(1, best[:, None])[:, 0]
     path = _backtrack(history, best, blank)
     keep = path != blank
     if fusion is not None:  # no allowed text survived: the empty labelling, probability 0
@@ -363,25 +383,43 @@ def _blank_after_end(log_probs: Tensor, input_lengths: Tensor, blank: int) -> Te
 
 
 class _Candidates(NamedTuple):
-    """One frame's candidate classes in a pruned search, ``N`` per line (see :func:`_prune_frames`).
+    """One frame's candidate extensions: ``M`` (line, class) pairs, ordered by line, then class.
 
-    ``classes``: ``(B, N)`` int64, first the line's candidates (the blank and the classes that survived the
-    pruning) in ascending order, then other classes; ``lookup``: the same with those others replaced by ``C``,
-    so each row is sorted; ``log_probs``: ``(B, N)`` float the classes' log-probs (``-inf`` for the others);
-    ``blank_column``: ``(B, 1)`` int64 the blank's column; ``after_blank``: ``(B, 1)`` bool, a skipped certain
-    blank came before this frame.
+    Every line's pairs include its blank, whose pair stands for the prefix unchanged. ``line``: ``(M,)`` int64;
+    ``classes``: ``(M, 1)`` int64; ``log_probs``: ``(M, 1)`` float the class's log-prob on the line's frame;
+    ``column``: ``(M, 1)`` int64 the pair's place among its line's pairs; ``pair_of``: ``(B, 1 + C)`` int32 at
+    ``1 + c`` the pair of each line's class ``c``, ``-1`` where it is no candidate (and at 0), or None where every
+    line has every class (``pair = line * C + class``);
+    ``first``, ``blank_pair``: ``(B, 1)`` int64 each line's first pair and its blank's pair; ``after_blank``:
+    ``(B, 1)`` bool, skipped certain blanks came before this frame (pruned search), or None; ``width`` and
+    ``fewest``: the most and the fewest pairs of a line.
     """
 
+    line: Tensor
     classes: Tensor
-    lookup: Tensor
-    log_probs: Tensor
-    blank_column: Tensor
-    after_blank: Tensor
+    log_probs: Tensor | None
+    column: Tensor
+    pair_of: Tensor | None
+    first: Tensor
+    blank_pair: Tensor
+    after_blank: Tensor | None
+    width: int
+    fewest: int
 
-    def rows(self, rows: int, columns: int) -> _Candidates:
-        """The first ``rows`` lines and ``columns`` candidates."""
-        return _Candidates(self.classes[:rows, :columns], self.lookup[:rows, :columns].contiguous(),  # searchsorted
-                           self.log_probs[:rows, :columns], self.blank_column[:rows], self.after_blank[:rows])
+    @classmethod
+    def every_class(cls, batch: int, num_classes: int, blank: int, device: torch.device) -> _Candidates:
+        """All ``C`` classes of all ``B`` lines, without the log-probs (the exact search's candidates)."""
+        classes = torch.arange(num_classes, device=device).repeat(batch)[:, None]
+        first = torch.arange(batch, device=device)[:, None] * num_classes
+        return cls(torch.arange(batch, device=device).repeat_interleave(num_classes), classes, None, classes, None,
+                   first, first + blank, None, num_classes, num_classes)
+
+    def find(self, labels: Tensor) -> Tensor:
+        """``(B, K)`` int64 the pair of each line's class ``labels`` ``(B, K)``, ``-1`` where it is no candidate
+        (or negative)."""
+        if self.pair_of is None:
+            return torch.where(labels >= 0, self.first + labels, -1)
+        return self.pair_of.gather(1, labels + 1).to(torch.int64)
 
 
 class _PrunedFrames(NamedTuple):
@@ -389,18 +427,36 @@ class _PrunedFrames(NamedTuple):
 
     ``lines``: ``(B,)`` int64 the input line in each row, the lines with more kept frames first.
     ``log_probs``: ``(T', B, C)`` each row's kept frames in order, pruned classes at ``-inf``, then anything
-    (never read). ``candidates``: :class:`_Candidates` of every step, each field with a leading ``T'``.
-    ``num_candidates`` and ``num_lines``: ``T'`` Python ints, per step the most candidates of a row, and the
-    rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the skipped
-    frames' blank log-probs summed.
+    (never read). ``pairs``: ``(3, P)`` int64 the candidate pairs of all steps (``line``, ``classes`` and
+    ``column`` of :class:`_Candidates`), step after step, and ``pair_log_probs`` ``(P,)``; ``pair_of``:
+    ``(T', B, 1 + C)`` int32, ``first``, ``blank_pair``, ``after_blank``: ``(T', B)``, per step, pairs counted from
+    the step's first.
+    ``num_pairs``, ``widths``, ``fewest`` and ``num_lines``: ``T'`` Python ints, per step the pairs, the most
+    and the fewest pairs of a running row, and the rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the
+    skipped frames' blank log-probs summed.
     """
 
     lines: Tensor
     log_probs: Tensor
-    candidates: _Candidates
-    num_candidates: list[int]
+    pairs: Tensor
+    pair_log_probs: Tensor
+    pair_of: Tensor
+    first: Tensor
+    blank_pair: Tensor
+    after_blank: Tensor
+    num_pairs: list[int]
+    widths: list[int]
+    fewest: list[int]
     num_lines: list[int]
     skipped_log_prob: Tensor
+
+    def candidates(self, step: int, start: int) -> _Candidates:
+        """Step ``step``'s :class:`_Candidates`, its pairs starting at ``start``."""
+        rows, end = self.num_lines[step], start + self.num_pairs[step]
+        line, classes, column = self.pairs[:, start:end, None]
+        return _Candidates(line[:, 0], classes, self.pair_log_probs[start:end, None], column, self.pair_of[step, :rows],
+                           self.first[step, :rows, None], self.blank_pair[step, :rows, None],
+                           self.after_blank[step, :rows, None], self.widths[step], self.fewest[step])
 
 
 def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _PrunedFrames:
@@ -417,8 +473,8 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     after a line's last kept frame: they change no total.
 
     The rows are sorted by their number of kept frames, so that the lines still running at a step are the first
-    ``num_lines[t]``, and each row's kept frames gathered to the front, all at once (no loop over lines). The one
-    host sync reads the step, candidate and line counts.
+    ``num_lines[t]``, each row's kept frames gathered to the front, and the candidate pairs of every step listed,
+    all at once (no loop over lines). The one host sync reads the step, pair and line counts.
 
     Args:
         log_probs: ``(T, B, C)`` float log-probabilities, frames after each line's end certain blanks.
@@ -426,7 +482,8 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
         token_min_logp: log-probability below which a class is pruned.
     """
     num_frames, batch, num_classes = log_probs.shape
-    is_blank = torch.arange(num_classes, device=log_probs.device) == blank
+    device = log_probs.device
+    is_blank = torch.arange(num_classes, device=device) == blank
     kept = (log_probs >= token_min_logp) | is_blank
     kept.scatter_(2, log_probs.argmax(2, keepdim=True), True)
     log_probs = log_probs.masked_fill(~kept, float("-inf"))
@@ -437,58 +494,72 @@ def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _Prun
     after_blank = F.pad(certain_blank[:-1], (0, 0, 1, 0), value=False)
 
     # Row r holds line lines[r]; its t-th kept frame is frame frames[t, r]. Entries past a row's kept frames
-    # (padding) are never read: step t runs on the rows with a kept frame t only, the first num_lines[t].
+    # (padding) have no candidates: step t runs on the rows with a kept frame t only, the first num_lines[t].
     num_kept, lines = (~certain_blank).sum(0).sort(descending=True, stable=True)  # (B,)
     frames = torch.sort(certain_blank[:, lines].T.to(torch.uint8), dim=1, stable=True).indices.T  # (T, B)
-    padding = torch.arange(num_frames, device=log_probs.device)[:, None] >= num_kept  # (T, B)
-    num_candidates = num_candidates[:, lines].gather(0, frames).masked_fill(padding, 1)
+    running = torch.arange(num_frames, device=device)[:, None] < num_kept  # (T, B)
+    num_candidates = num_candidates[:, lines].gather(0, frames) * running
     most = num_candidates.amax(1) if batch else num_candidates.new_zeros(num_frames)
-    counts = torch.cat([(~padding).sum(1), most]).tolist()  # the one host sync
+    fewest = num_candidates.masked_fill(~running, num_classes).amin(1) if batch else most
+    counts = torch.cat([running.sum(1), most, fewest, num_candidates.sum(1)]).tolist()  # the one host sync
     num_lines = [rows for rows in counts[:num_frames] if rows]
     num_steps = len(num_lines)
-    num_candidates = counts[num_frames : num_frames + num_steps]
+    widths, fewest, num_pairs = (counts[k * num_frames : k * num_frames + num_steps] for k in (1, 2, 3))
 
     rows = (frames[:num_steps] * batch + lines).view(-1)  # into (T * B, C)
     log_probs = log_probs.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
     candidate = candidate.reshape(-1, num_classes).index_select(0, rows).view(num_steps, batch, num_classes)
+    candidate &= running[:num_steps, :, None]
     after_blank = after_blank[:, lines].gather(0, frames[:num_steps])
-    # Candidates first, each group in ascending class order: the exact search's tie rule among candidates.
-    rank = torch.arange(num_classes, 0, -1, device=log_probs.device)
-    rank, classes = torch.where(candidate, rank, -rank).topk(max(num_candidates, default=1), dim=2)
-    lookup = classes.masked_fill(rank < 0, num_classes)
-    candidates = _Candidates(classes, lookup, log_probs.gather(2, classes), (lookup < blank).sum(2, keepdim=True),
-                             after_blank[..., None])
-    return _PrunedFrames(lines, log_probs, candidates, num_candidates, num_lines, skipped_log_prob)
+
+    # The pairs in (step, row, class) order; pair numbers count from each step's first pair.
+    step, row, classes = torch.nonzero_static(candidate, size=sum(num_pairs)).unbind(1)
+    num_candidates = num_candidates[:num_steps]
+    ends = num_candidates.view(-1).cumsum(0).view(num_steps, batch)
+    step_start = F.pad(ends[:-1, -1], (1, 0)) if num_steps else ends.new_zeros(0)  # (T',)
+    first = ends - num_candidates - step_start[:, None]  # (T', B)
+    column = torch.arange(step.shape[0], device=device) - step_start[step] - first[step, row]
+    blank_pair = first + candidate[..., :blank].sum(2)
+    pair_of = torch.full((num_steps, batch, 1 + num_classes), -1, dtype=torch.int32, device=device)
+    pair_of.view(-1).index_copy_(0, (step * batch + row) * (1 + num_classes) + 1 + classes,
+                                 (first[step, row] + column).int())
+    pair_log_probs = log_probs.view(-1).take((step * batch + row) * num_classes + classes)
+    return _PrunedFrames(lines, log_probs, torch.stack([row, classes, column]), pair_log_probs, pair_of, first,
+                         blank_pair, after_blank, num_pairs, widths, fewest, num_lines, skipped_log_prob)
 
 
-def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, fusion: Fusion | None,
+def _search_pruned(beams: _Beams, frames: _PrunedFrames, blank: int, beam_width: int, fusion: Fusion | None,
                    history: list[tuple[Tensor, Tensor]]) -> _Beams:
     """Run the search over ``frames`` (:func:`_prune_frames`), the beams' rows in ``frames.lines`` order.
 
     At step ``t`` only the first ``num_lines[t]`` rows have a frame left; the others are set aside, final.
-    Appends each step's ``(parent, label)`` ``(num_lines[t], K)`` to ``history``; returns all rows' beams.
+    Appends each step's ``(parent, label)`` ``(num_lines[t], K_t)`` to ``history``; returns all rows' beams, as
+    wide as the widest (dead slots added).
     """
-    done = []
-    for t, (num_candidates, rows) in enumerate(zip(frames.num_candidates, frames.num_lines)):
+    done, start = [], 0
+    for t, rows in enumerate(frames.num_lines):
         if rows < beams.last.shape[0]:
-            done.append(_Beams(*(None if field is None else field[rows:] for field in beams)))
-            beams = _Beams(*(None if field is None else field[:rows] for field in beams))
-        candidates = _Candidates(*(field[t] for field in frames.candidates)).rows(rows, num_candidates)
-        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, fusion, candidates)
+            beams, finished = beams.split(rows)
+            done.append(finished)
+        candidates = frames.candidates(t, start)
+        start += frames.num_pairs[t]
+        beams, parent, label = _step(beams, frames.log_probs[t, :rows], blank, candidates, beam_width, fusion)
         history.append((parent, label))
     done.append(beams)
-    return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1]) for parts in zip(*done)))
+    width = beams.last.shape[1]
+    return _Beams(*(None if parts[0] is None else torch.cat(parts[::-1])
+                    for parts in zip(*(part.widen(width) for part in done))))
 
 
-def _initial_beams(batch: int, width: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
-    """Slot 0 holds the empty prefix with probability one; the other slots are dead."""
-    p_blank = like.new_full((batch, width), float("-inf"))
-    p_blank[:, 0] = 0.0
-    zeros = torch.zeros(batch, width, dtype=torch.int64, device=like.device)
-    beams = _Beams(p_blank, torch.full_like(p_blank, float("-inf")), zeros - 1, zeros, zeros)
+def _initial_beams(batch: int, like: Tensor, fusion: Fusion | None = None) -> _Beams:
+    """One slot per line, holding the empty prefix with probability one (the search widens the beams up to
+    ``beam_width`` as the prefixes multiply)."""
+    p_blank = like.new_zeros(batch, 1)
+    zeros = torch.zeros(batch, 1, dtype=torch.int64, device=like.device)
+    beams = _Beams(p_blank, torch.full_like(p_blank, float("-inf")), p_blank, zeros - 1, zeros, zeros)
     if fusion is None:
         return beams
-    beams = beams._replace(prior=like.new_zeros(batch, width), lm_state=zeros + fusion.lm_start,
+    beams = beams._replace(prior=like.new_zeros(batch, 1), lm_state=zeros + fusion.lm_start,
                            lexicon_state=zeros + fusion.lexicon.start)
     if fusion.word_lm is not None:
         beams = beams._replace(word_state=zeros, word_node=zeros + fusion.word_lm.root)
@@ -513,105 +584,99 @@ def _final_prior(beams: _Beams, fusion: Fusion) -> Tensor:
     return torch.where(accepted, prior, float("-inf"))
 
 
-def _step(beams: _Beams, log_probs: Tensor, blank: int, fusion: Fusion | None = None,
-          candidates: _Candidates | None = None) -> tuple[_Beams, Tensor, Tensor]:
-    """Advance every beam by one frame.
+def _step(beams: _Beams, log_probs: Tensor, blank: int, candidates: _Candidates, beam_width: int,
+          fusion: Fusion | None = None) -> tuple[_Beams, Tensor, Tensor]:
+    """Advance every beam by one frame, keeping ``beam_width`` prefixes, or all candidates while they are fewer.
 
-    Candidates are indexed flat as ``slot * N + j``: column ``j`` of a slot holding prefix ``p`` is the
-    extension ``p + c`` by the ``j``-th candidate class ``c``, except the blank's column, which stands for ``p``
-    unchanged. Without ``candidates`` every class is a candidate (``N = C``, ``c = j``).
+    The candidates of a line are laid out ``(M, K)``: row ``m`` (line ``b``, class ``c``), column ``k`` is the
+    extension ``p + c`` of the prefix ``p`` in slot ``k`` of line ``b``, except at the blank's pair, which stands
+    for ``p`` unchanged.
 
     Args:
-        beams: current ``K`` prefixes per line.
+        beams: current ``W`` prefixes per line.
         log_probs: ``(B, C)`` float log-probabilities of this frame.
         blank: index of the blank class.
+        candidates: this frame's :class:`_Candidates`. Where skipped certain blanks came before the frame
+            (``after_blank``), all mass of the line's prefixes first moves into their ends-in-blank part.
         fusion: priors to rank by and the lexicon to obey, or None. With a word LM: one host sync (the word
             LM's scores of the candidates that end a word).
-        candidates: each line's candidate classes of a pruned search (:class:`_Candidates`), or None for all
-            ``C``. Where skipped certain blanks came before the frame (``candidates.after_blank``), all mass of
-            the line's prefixes first moves into their ends-in-blank part.
 
     Returns:
-        ``(beams, parent, label)``: the new top-K prefixes, and ``(B, K)`` int64 the slot each came
-        from and the label it appended (``blank`` if it is its parent unchanged).
+        ``(beams, parent, label)``: the new top-K prefixes, ``K = min(beam_width, W * candidates.width)``, and
+        ``(B, K)`` int64 the slot each came from and the label it appended (``blank`` if it is its parent
+        unchanged).
     """
-    batch, width = beams.last.shape
-    total = torch.logaddexp(beams.p_blank, beams.p_label)  # (B, K)
-    p_blank, p_label = beams.p_blank, beams.p_label
-    if candidates is not None:
+    width = beams.last.shape[1]
+    total, p_blank, p_label = beams.total, beams.p_blank, beams.p_label
+    if candidates.after_blank is not None:
         after_blank = candidates.after_blank
         p_blank, p_label = torch.where(after_blank, total, p_blank), p_label.masked_fill(after_blank, float("-inf"))
-    has_last = beams.last >= 0
-    last = torch.where(has_last, beams.last, blank)  # the empty prefix points at its own blank column
-    last_log_prob = log_probs.gather(1, last)
+    last_log_prob = log_probs.gather(1, beams.last.clamp(min=0))  # the empty prefix's p_label is -inf anyway
 
-    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label (the empty prefix's p_label is -inf).
+    # Prefix p unchanged: the frame is a blank, or a repeat of p's last label.
     stay_blank = total + log_probs[:, blank, None]
     stay_label = p_label + last_log_prob
 
-    # Prefix p + c ends in c; a repeat of p's last label must follow a blank.
-    if candidates is None:
-        classes, num_candidates = None, log_probs.shape[1]
-        extend = total[..., None] + log_probs[:, None, :]  # (B, K, C)
-        extend.scatter_(2, last[..., None], (p_blank + last_log_prob)[..., None])
-        last_column, stay_column = beams.last, blank
-    else:
-        classes, stay_column = candidates.classes, candidates.blank_column
-        num_candidates = classes.shape[1]
-        extend = total[..., None] + candidates.log_probs[:, None, :]  # (B, K, N)
-        last_column = torch.searchsorted(candidates.lookup, last).clamp_(max=num_candidates - 1)
-        listed = candidates.lookup.gather(1, last_column) == last  # else the repeat was pruned
-        extend.scatter_(2, torch.where(listed, last_column, stay_column)[..., None],  # the stay column: overwritten
-                        (p_blank + last_log_prob)[..., None])
-        last_column = last_column.masked_fill(~(listed & has_last), -1)
+    # Prefix p + c ends in c; a repeat of p's last label must follow a blank. Flat index: pair * K + slot.
+    extend = total.index_select(0, candidates.line) + candidates.log_probs  # (M, K)
+    flat = extend.view(-1)
+    slots = torch.arange(width, device=total.device)
+    last_pair = candidates.find(beams.last)  # (B, K)
+    repeat = torch.where(last_pair >= 0, last_pair, candidates.blank_pair) * width + slots  # blank pair: overwritten
+    flat.scatter_(0, repeat.view(-1), (p_blank + last_log_prob).view(-1))
     if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
-        lexicon_next = _candidate_columns(fusion.lexicon.next_state, beams.lexicon_state, classes)  # (B, K, N)
+        lexicon_next = _pair_states(fusion.lexicon.next_state, beams.lexicon_state, candidates)
         extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
-    extend = extend.view(batch, width * num_candidates)
-    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, total, extend, last_column, stay_column))
+    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, flat, last_pair, candidates.blank_pair))
 
-    # The stay columns become the prefixes unchanged: scores is extend, with them written in.
+    # The blank pairs become the prefixes unchanged: scores is extend, with them written in.
     stay_total = torch.logaddexp(stay_blank, stay_label)
-    scores = extend.view(batch, width, num_candidates)
-    if classes is None:
-        scores[:, :, blank] = stay_total
-    else:
-        scores.scatter_(2, stay_column[:, None, :].expand(-1, width, -1), stay_total[..., None])
-    scores = extend
-    if fusion is not None:  # the blank columns of the step table are 0
-        candidate_prior, words_after = _candidate_prior(beams, total, fusion, classes)
-        candidate_prior = candidate_prior.view(batch, width * num_candidates)
-        ranking = scores + candidate_prior
+    scores = extend.index_copy_(0, candidates.blank_pair[:, 0], stay_total)
+    if fusion is not None:
+        prior, words_after = _pair_prior(beams, fusion, candidates)
+        ranking = scores + prior
     else:
         ranking = scores
-    chosen = _top_k_first(ranking, width) if candidates is None else _top_k_ranked(ranking, width)
-    parent = chosen // num_candidates
-    label = chosen - parent * num_candidates
-    if classes is not None:
-        label = classes.gather(1, label)
+    keep = min(beam_width, width * candidates.width)
+    pair, parent = _top_k_pairs(ranking, keep, candidates)
+    if keep > width * candidates.fewest:  # lines with fewer candidates than slots: the rest are dead
+        dead = pair < 0
+        pair = torch.where(dead, candidates.blank_pair, pair)
+    chosen = pair * width + parent  # into the flat (M, K)
+    label = candidates.classes.take(pair)
     extended = label != blank
+    new_total = flat.take(chosen)
+    p_blank, p_label = stay_blank.gather(1, parent).masked_fill_(extended, float("-inf")), torch.where(
+        extended, new_total, stay_label.gather(1, parent))
+    if keep > width * candidates.fewest:
+        new_total, p_blank, p_label = (x.masked_fill_(dead, float("-inf")) for x in (new_total, p_blank, p_label))
     parent_key = beams.key.gather(1, parent)
     new_beams = _Beams(
-        p_blank=stay_blank.gather(1, parent).masked_fill(extended, float("-inf")),
-        p_label=torch.where(extended, scores.gather(1, chosen), stay_label.gather(1, parent)),
+        p_blank=p_blank,
+        p_label=p_label,
+        total=new_total,
         last=torch.where(extended, label, beams.last.gather(1, parent)),
         key=torch.where(extended, _extend_hash(parent_key, label), parent_key),
         parent_key=torch.where(extended, parent_key, beams.parent_key.gather(1, parent)),
     )
     if fusion is not None:
-        new_beams = _advance_fusion(new_beams._replace(prior=candidate_prior.gather(1, chosen)), beams, fusion,
-                                    parent, label, words_after)
+        new_beams = _advance_fusion(new_beams._replace(prior=prior.take(chosen)), beams, fusion, parent, label,
+                                    words_after)
     return new_beams, parent, label
 
 
-def _candidate_prior(beams: _Beams, total: Tensor, fusion: Fusion, classes: Tensor | None
-                     ) -> tuple[Tensor, Tensor | None]:
-    """The prior of every candidate, ``(B, K, N)`` by slot and candidate column (all ``C`` classes without
-    ``classes`` ``(B, N)``; the blank column: the prefix unchanged, prior unchanged), and with a word LM ``(B, K)``
-    int64 the word LM state id after the slot's partial word (where it ends a word), else None. ``total``:
-    ``(B, K)`` the slots' CTC log-probs (``-inf``: dead). The word LM's and hotwords' terms are computed for all
-    ``C`` classes, then the candidates' columns taken."""
-    prior = beams.prior[..., None] + _candidate_columns(fusion.step, beams.lm_state, classes)
+def _pair_states(table: Tensor, state: Tensor, candidates: _Candidates) -> Tensor:
+    """``(M, K)`` ``table[state[b, k], c]`` for every candidate pair (line ``b``, class ``c``) and slot ``k``;
+    ``table`` ``(S, C)``, ``state`` ``(B, K)``."""
+    return table.take((state * table.shape[1]).index_select(0, candidates.line) + candidates.classes)
+
+
+def _pair_prior(beams: _Beams, fusion: Fusion, candidates: _Candidates) -> tuple[Tensor, Tensor | None]:
+    """The prior of every candidate, ``(M, K)`` by pair and slot (the blank pair: the prefix unchanged, prior
+    unchanged), and with a word LM ``(B, K)`` int64 the word LM state id after the slot's partial word (where it
+    ends a word), else None. The word LM's and hotwords' terms are computed for all ``C`` classes, then the
+    candidates' taken."""
+    prior = beams.prior.index_select(0, candidates.line) + _pair_states(fusion.step, beams.lm_state, candidates)
     words_after, change = None, None
     if fusion.word_lm is not None:
         tables, node = fusion.word_lm, beams.word_node
@@ -619,7 +684,7 @@ def _candidate_prior(beams: _Beams, total: Tensor, fusion: Fusion, classes: Tens
         change = (~tables.continues[node]).to(prior.dtype) * tables.penalty - potential[..., None]
         change[..., tables.blank] = 0.0
         if tables.space >= 0:  # the space ends a non-empty partial word: the host scores the word
-            ends_word = (node != tables.root) & (total > float("-inf"))
+            ends_word = (node != tables.root) & (beams.total > float("-inf"))
             value, words_after = fusion.word_scorer.score_words(beams.word_state, tables.word_id[node], ends_word)
             change[..., tables.space] = value.to(prior.dtype) - potential
     if fusion.hotwords is not None:
@@ -628,8 +693,11 @@ def _candidate_prior(beams: _Beams, total: Tensor, fusion: Fusion, classes: Tens
         if tables.space >= 0:  # a word end after a hotword earns it
             boost[..., tables.space] += tables.commit[state]
         change = boost if change is None else change + boost
-    if change is not None:
-        prior = prior + (change if classes is None else change.gather(2, classes[:, None, :].expand_as(prior)))
+    if change is not None:  # (B, K, C) -> (M, K)
+        batch, width, num_classes = change.shape
+        slots = torch.arange(width, device=prior.device)
+        prior = prior + change.view(-1).take((candidates.line[:, None] * width + slots) * num_classes
+                                             + candidates.classes)
     return prior, words_after
 
 
@@ -660,77 +728,72 @@ def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
     return table.take(state * table.shape[1] + label)
 
 
-def _candidate_columns(table: Tensor, state: Tensor, classes: Tensor | None) -> Tensor:
-    """``(B, K, N)`` the candidate classes' columns of ``table`` ``(S, C)`` at each prefix's ``state``
-    ``(B, K)``: all ``C`` columns without ``classes``, else those of ``classes`` ``(B, N)``."""
-    rows = table.index_select(0, state.view(-1)).view(*state.shape, table.shape[1])
-    if classes is None:
-        return rows
-    return rows.gather(2, classes[:, None, :].expand(-1, state.shape[1], -1))
+def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
+    """``table[state, label]`` for ``(S, C)`` ``table`` and ``state``, ``label`` of one shape, as one flat take."""
+    return table.take(state * table.shape[1] + label)
 
 
-def _merge_duplicates(beams: _Beams, total: Tensor, extend: Tensor, last_column: Tensor,
-                      stay_column: Tensor | int) -> Tensor:
+def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, blank_pair: Tensor) -> Tensor:
     """Take the extensions ``p + c`` that equal a live prefix ``q`` of the beam out of ``extend``.
 
     Live prefixes are distinct, so each live ``q`` has at most one live parent ``p`` in the beam,
     found by ``key(p) == parent_key(q)``; its extension by ``last(q)`` is set to ``-inf`` in place.
 
     Args:
-        beams: current prefixes; ``total`` ``(B, K)`` their log-probs.
-        extend: ``(B, K * N)`` float ends-in-label log-probs of the extensions, flat by ``slot * N + j``.
-        last_column: ``(B, K)`` int64 the candidate column of each prefix's last label, ``-1`` for the empty
-            prefix and for a last label that is no candidate (its extension is ``-inf``).
-        stay_column: the blank's column, an int or ``(B, 1)`` int64 per line.
+        beams: current prefixes.
+        extend: ``(M * K,)`` float ends-in-label log-probs of the extensions, flat by ``pair * K + slot``.
+        last_pair: ``(B, K)`` int64 the candidate pair of each prefix's last label, ``-1`` for the empty prefix
+            and for a last label that is no candidate (its extension is ``-inf``).
+        blank_pair: ``(B, 1)`` int64 each line's blank pair.
 
     Returns:
         ``(B, K)`` float log-prob each prefix receives from its parent's extension (``-inf`` if none).
     """
-    width = total.shape[1]
-    num_candidates = extend.shape[1] // width
-    alive = total > float("-inf")
+    width = beams.total.shape[1]
+    alive = beams.total > float("-inf")
     # Look every parent key up among the live keys, sorted (keys are >= 0, dead slots -1): O(K log K), not K^2.
     live_keys, slot_of = torch.where(alive, beams.key, -1).sort(1)
     found = torch.searchsorted(live_keys, beams.parent_key).clamp_(max=width - 1)
-    has_parent = (live_keys.gather(1, found) == beams.parent_key) & alive & (last_column >= 0)
-    parent_slot = slot_of.gather(1, found)
-    own_stay = torch.arange(width, device=total.device) * num_candidates + stay_column
-    twin = torch.where(has_parent, parent_slot * num_candidates + last_column, own_stay)  # (B, Kq)
-    incoming = extend.gather(1, twin).masked_fill(~has_parent, float("-inf"))
-    extend.scatter_(1, twin, float("-inf"))  # own stay columns are overwritten by the caller
-    return incoming
+    has_parent = (live_keys.gather(1, found) == beams.parent_key) & alive & (last_pair >= 0)
+    own_stay = blank_pair * width + torch.arange(width, device=extend.device)
+    twin = torch.where(has_parent, last_pair * width + slot_of.gather(1, found), own_stay).view(-1)  # (B * Kq,)
+    incoming = extend.take(twin).masked_fill_(~has_parent.view(-1), float("-inf"))
+    extend.index_fill_(0, twin, float("-inf"))  # own stays are overwritten by the caller
+    return incoming.view_as(has_parent)
 
 
-def _top_k_first(scores: Tensor, k: int) -> Tensor:
-    """Indices ``(B, k)`` int64, ascending, of the ``k`` largest of ``scores`` ``(B, N)``.
+def _top_k_pairs(ranking: Tensor, k: int, candidates: _Candidates) -> tuple[Tensor, Tensor]:
+    """Each line's ``k`` largest entries of ``ranking`` ``(M, W)`` (by candidate pair and slot), largest first,
+    ties to the lower (slot, class): ``(B, k)`` int64 their pairs (``-1`` past a line's ``W * n`` entries) and
+    slots.
 
-    Ties at the k-th value go to the lowest indices, unlike :func:`torch.topk`, whose choice among
-    ties is unspecified and device-dependent.
+    The entries are written into a ``(B, K * N)`` table, each line's at ``slot * N + column``, as int64 keys that
+    order like the scores and, among equal ones, reversed like the positions, so one :func:`torch.topk` (float32)
+    or stable sort (float64) per line picks them; the table's padding holds the smallest int64, below every key.
+    A float's bits, read as a signed integer, with the magnitude bits of negative numbers flipped, order like the
+    float (``-0.0`` just below ``0.0``). A float32 key carries its position in its low 32 bits.
     """
-    kth = scores.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
-    above, tie = scores > kth, scores == kth
-    take = above | (tie & (tie.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    slot = torch.where(take, take.cumsum(1) - 1, k)  # column k collects the rest
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(slot)
-    return slot.new_zeros(scores.shape[0], k + 1).scatter_(1, slot, positions)[:, :k]
-
-
-def _top_k_ranked(scores: Tensor, k: int) -> Tensor:
-    """Indices ``(B, k)`` int64 of the ``k`` largest of ``scores`` ``(B, N)``, largest first, ties to the lower
-    index: the same set as :func:`_top_k_first`, ordered by rank, in one :func:`torch.topk` for float32.
-
-    A float32's bits, read as an int32 and with the magnitude bits of negative numbers flipped, order like the
-    float (``-0.0`` just below ``0.0``); shifted up 32 bits with ``N - 1 - index`` below them, every key is
-    distinct, larger for a larger score and, among equal ones, for a lower index. Other dtypes fall back to
-    :func:`_top_k_first`.
-    """
-    if scores.dtype != torch.float32:
-        return _top_k_first(scores, k)
-    bits = scores.contiguous().view(torch.int32)
-    bits = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
-    last_index = scores.shape[1] - 1
-    keys = (bits << 32) | torch.arange(last_index, -1, -1, device=scores.device)
-    return last_index - (keys.topk(k, dim=1).values & 0xFFFFFFFF)
+    width, columns = ranking.shape[1], candidates.width
+    span = width * columns
+    position = candidates.column + torch.arange(width, device=ranking.device) * columns  # (M, K)
+    if ranking.dtype == torch.float32:
+        bits = ranking.view(torch.int32)
+        keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) | (span - 1 - position)
+    else:
+        bits = ranking.to(torch.float64).view(torch.int64)
+        keys = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+    table = keys.new_full((candidates.first.shape[0] * span,), torch.iinfo(torch.int64).min)
+    table.index_copy_(0, (candidates.line[:, None] * span + position).view(-1), keys.view(-1))
+    table = table.view(-1, span)
+    if ranking.dtype == torch.float32:
+        top = table.topk(k, dim=1).values
+        position = span - 1 - (top & 0xFFFFFFFF)
+    else:
+        top, position = table.sort(dim=1, descending=True, stable=True)
+        top, position = top[:, :k], position[:, :k]
+    slot = position // columns
+    pair = candidates.first + position - slot * columns
+    return pair.masked_fill_(top == torch.iinfo(torch.int64).min, -1), slot
 
 
 def _extend_hash(key: Tensor, label: Tensor) -> Tensor:
