@@ -26,7 +26,14 @@ its own "word" (labels ``▁c``), so KenLM scores the character n-gram with ``al
 LM, beam + char LM + word LM (with ``--lm``), and pyctcdecode with the same word model as its own word-level LM
 (``alpha = --word-lm-weight``, ``beta = --word-bonus``, ``unk_score_offset = --word-unk-offset / ln 10``); our
 rows also print the share of the decoding time spent on the host scoring words. With ``--hotwords``: beam +
-hotwords. pyctcdecode and kenlm are benchmark-only dependencies (skipped when missing).
+hotwords. Then flashlight-text's lexicon-free CTC beam search (the C++ decoder behind torchaudio's
+``ctc_decoder``) without and with the same ARPA file through its KenLM wrapper, as a character n-gram: one call
+per line, ``lm_weight = --lm-weight * ln 10`` (KenLM scores are log10), prefixes merged by log-add like ours,
+``--flashlight-beam-threshold`` (default 50, torchaudio's) and ``--flashlight-tokens`` per frame (default all);
+it has no per-character insertion bonus, so its LM row needs ``--insertion-bonus 0``. Each throughput ratio to
+pyctcdecode or flashlight is the median of ``--repeats`` rounds of one pass of ours and one of theirs back to
+back, so that a shared machine's drifting speed moves both alike. pyctcdecode, kenlm and flashlight-text are
+benchmark-only dependencies (skipped when missing).
 
 Several ``--lm-weight`` and ``--insertion-bonus`` values make a grid, for tuning them on a validation set: every
 fused decoder runs at every ``(weight, bonus)`` pair, the LM and lexicon tables compiled once (pyctcdecode rows,
@@ -36,6 +43,7 @@ word LM and hotword rows only with a single pair).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import string
@@ -82,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accuracy.add_argument("--word-bonus", type=float, default=0.0)
     accuracy.add_argument("--hotwords", nargs="+", help="words or phrases to boost")
     accuracy.add_argument("--hotword-weight", type=float, default=2.0)
+    accuracy.add_argument("--flashlight-beam-threshold", type=float, default=50.0,
+                          help="flashlight drops hypotheses this far below the best (default 50, torchaudio's)")
+    accuracy.add_argument("--flashlight-tokens", type=int, default=None,
+                          help="flashlight's classes tried per frame, the most likely first (default: all)")
     accuracy.add_argument("--beam-widths", type=int, nargs="+", default=[10, 50])
     accuracy.add_argument("--batch-size", type=int, default=256, help="lines per decoder call")
     return parser.parse_args(argv)
@@ -182,6 +194,18 @@ def median_pass(repeats: int, run: Callable[..., Scored], *args) -> Scored:
     return passes[-1]._replace(seconds=statistics.median(scored.seconds for scored in passes))
 
 
+def interleaved(repeats: int, ours: Callable[[], Scored], theirs: Callable[[], Scored]) -> tuple[Scored, list[float]]:
+    """``ours()`` and ``theirs()`` back to back, ``repeats`` rounds (at least one): their last result with the median
+    seconds, and each round's throughput ratio of ours to theirs. A shared machine's speed drifts over minutes;
+    two passes back to back see about the same one."""
+    results, ratios = [], []
+    for _ in range(max(1, repeats)):
+        mine, result = ours(), theirs()
+        results.append(result)
+        ratios.append(result.seconds / mine.seconds)
+    return results[-1]._replace(seconds=statistics.median(result.seconds for result in results)), ratios
+
+
 def run_ours(decoder: Decoder, batches: list[LogProbs], charset, device: str) -> Scored:
     texts, scores, seconds = [], [], 0.0
     host = time_word_scoring(decoder)
@@ -259,6 +283,50 @@ def run_pyctcdecode(decoder, batches: list[LogProbs], beam_width: int, words: bo
         texts += [text if words else "".join(" " if word == SPACE else word for word in text.split())
                   for text, *_ in best]
         scores += [beam[3] for beam in best]  # logit_score: pyctcdecode's acoustic score of the text
+    return Scored(texts, scores, seconds)
+
+
+class Flashlight(NamedTuple):
+    """A flashlight decoder and its LM, which it does not own (the LM must outlive it)."""
+
+    decoder: object
+    lm: object
+
+
+def flashlight_char_decoder(charset, lm_path: str | None, lm_weight: float, beam_width: int, beam_threshold: float,
+                            tokens_per_frame: int | None):
+    """flashlight-text's lexicon-free CTC decoder (torchaudio's ``ctc_decoder`` without a lexicon), with
+    ``lm_path`` read by its KenLM wrapper as a character n-gram (each class a token named like the ARPA file's
+    units, the space ``<space>``), or no LM; None if flashlight-text (or, with an LM, its KenLM) is missing."""
+    try:
+        from flashlight.lib.text.decoder import (
+            CriterionType, KenLM, LexiconFreeDecoder, LexiconFreeDecoderOptions, ZeroLM)
+        from flashlight.lib.text.dictionary import Dictionary
+    except ImportError:
+        return None
+    tokens = ["<blank>" if c == charset.blank else charset.decode([c]).replace(" ", SPACE)
+              for c in range(charset.num_classes)]
+    lm = KenLM(lm_path, Dictionary(tokens)) if lm_path else ZeroLM()  # the token order is the LM's index map
+    options = LexiconFreeDecoderOptions(
+        beam_size=beam_width, beam_size_token=tokens_per_frame or charset.num_classes, beam_threshold=beam_threshold,
+        lm_weight=lm_weight * math.log(10), sil_score=0.0, log_add=True, criterion_type=CriterionType.CTC)
+    decoder = LexiconFreeDecoder(options, lm, charset.blank, charset.blank, [])  # silence: the blank (no bonus)
+    return Flashlight(decoder, lm)
+
+
+def run_flashlight(flashlight: Flashlight, batches: list[LogProbs], blank: int, charset) -> Scored:
+    """flashlight's best text per line, repeats collapsed and blanks dropped as torchaudio does; its score is the
+    fused one's acoustic part (``emittingModelScore``)."""
+    texts, scores, seconds = [], [], 0.0
+    for batch in batches:
+        lines = batch.log_probs.transpose(0, 1).float().cpu().contiguous()  # (B, T, C), one row per line
+        start = time.perf_counter()
+        best = [flashlight.decoder.decode(line.data_ptr(), length, lines.shape[2])[0]
+                for line, length in zip(lines, batch.lengths.tolist())]
+        labels = [[k for k, _ in itertools.groupby(result.tokens) if k != blank] for result in best]
+        seconds += time.perf_counter() - start
+        texts += [charset.decode(labelling) for labelling in labels]
+        scores += [result.emittingModelScore for result in best]
     return Scored(texts, scores, seconds)
 
 
@@ -346,31 +414,46 @@ def accuracy_main(args: argparse.Namespace) -> None:
             print(accuracy_row(name, runs[name], references), flush=True)
         if not single:
             continue
+        def compare(name: str, theirs: Callable[[], Scored], ours_name: str, normalise: bool = False) -> None:
+            """Their row, and the throughput ratio of ours (``ours_name``) to theirs from interleaved passes."""
+            decoder = decoders[ours_name]
+            runs[name], ratios = interleaved(args.repeats, lambda: run_ours(decoder, batches, charset, args.device),
+                                             theirs)
+            print(accuracy_row(name, runs[name], references), flush=True)
+            same = sum((" ".join(a.split()) if normalise else a) == b
+                       for a, b in zip(runs[ours_name].texts, runs[name].texts))
+            print(f"  ours / {name}: throughput {statistics.median(ratios):.1f}x (median of {len(ratios)} interleaved "
+                  f"passes, {min(ratios):.1f}-{max(ratios):.1f}x), same text{' (whitespace normalised)' * normalise} "
+                  f"on {same / len(references):.1%} of lines", flush=True)
+
         for lm_path in ([None, args.lm] if args.lm else [None]):
             theirs = pyctcdecode_char_decoder(charset, lm_path, args.lm_weight[0], args.insertion_bonus[0])
             if theirs is None:
                 print(f"(pyctcdecode{' + kenlm' if lm_path else ''} not installed: skipped)")
                 continue
-            name = f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm_path else "")
-            runs[name] = median_pass(args.repeats, run_pyctcdecode, theirs, batches, width)
-            print(accuracy_row(name, runs[name], references), flush=True)
-            ours = runs[f"beam {width} + char LM" if lm_path else f"beam {width}"]
-            agree = sum(a == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
-            print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text on {agree:.1%}"
-                  " of lines", flush=True)
+            compare(f"pyctcdecode {width}" + (" + KenLM (same char LM)" if lm_path else ""),
+                    lambda theirs=theirs: run_pyctcdecode(theirs, batches, width),
+                    f"beam {width} + char LM" if lm_path else f"beam {width}")
+        for lm_path in ([None, args.lm] if args.lm else [None]):
+            name = f"flashlight {width}" + (" + KenLM (same char LM)" if lm_path else "")
+            if lm_path and args.insertion_bonus[0] != 0:
+                print(f"({name}: flashlight has no per-character insertion bonus: skipped)")
+                continue
+            theirs = flashlight_char_decoder(charset, lm_path, args.lm_weight[0], width,
+                                             args.flashlight_beam_threshold, args.flashlight_tokens)
+            if theirs is None:
+                print("(flashlight-text not installed: skipped)")
+                break
+            compare(name, lambda theirs=theirs: run_flashlight(theirs, batches, charset.blank, charset),
+                    f"beam {width} + char LM" if lm_path else f"beam {width}")
         if args.word_lm:
             theirs = pyctcdecode_word_decoder(charset, args)
             if theirs is None:
                 print("(pyctcdecode + kenlm not installed: skipped)")
                 continue
-            name = f"pyctcdecode {width} + KenLM (same word LM)"
-            runs[name] = median_pass(args.repeats, lambda *run: run_pyctcdecode(*run, words=True), theirs, batches,
-                                     width)
-            print(accuracy_row(name, runs[name], references), flush=True)
-            ours = runs[f"beam {width} + word LM"]
-            agree = sum(" ".join(a.split()) == b for a, b in zip(ours.texts, runs[name].texts)) / len(references)
-            print(f"  ours / {name}: throughput {runs[name].seconds / ours.seconds:.1f}x, same text (whitespace "
-                  f"normalised) on {agree:.1%} of lines", flush=True)
+            compare(f"pyctcdecode {width} + KenLM (same word LM)",
+                    lambda: run_pyctcdecode(theirs, batches, width, words=True), f"beam {width} + word LM",
+                    normalise=True)
 
 
 def time_word_lm(args: argparse.Namespace, log_probs: torch.Tensor, lengths: torch.Tensor, beam_s: float) -> None:

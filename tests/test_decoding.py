@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import itertools
 import math
 
 import pytest
@@ -534,6 +535,46 @@ def test_fused_decoder_needs_a_charset(tmp_path):
         decoder(random_log_probs((3, 1, 4), seed=0), torch.tensor([3]))
     decoded = decoder.bind(Charset("ab "))(random_log_probs((3, 1, 4), seed=0), torch.tensor([3]))
     assert len(decoded.labels) == 1
+
+
+def test_same_best_text_as_flashlight_with_the_same_char_lm(tmp_path):
+    """flashlight-text's lexicon-free CTC decoder (torchaudio's ``ctc_decoder`` without a lexicon) with the same
+    ARPA file through its KenLM wrapper, prefixes merged by log-add and nothing pruned (threshold 1e9, every
+    token), ranks by the same ``log P_ctc + w * ln P_lm(text </s>)`` (its ``lm_weight`` is ``w ln 10``: KenLM
+    scores are log10). On peaky random log-probs (40 lines, T = 7, width 16) the best texts agree on most lines;
+    where they differ, ours is the exhaustive argmax of that score and theirs scores lower."""
+    text_decoder = pytest.importorskip("flashlight.lib.text.decoder")
+    dictionary = pytest.importorskip("flashlight.lib.text.dictionary")
+    charset, weight = Charset("ab "), 0.7
+    lm = witten_bell(TOY_CORPUS, order=3)
+    lm.write_arpa(tmp_path / "lm.arpa")
+    ours = BeamSearchDecoder(16, lm_path=str(tmp_path / "lm.arpa"), lm_weight=weight, charset=charset,
+                             token_min_logp=None)
+    their_lm = text_decoder.KenLM(str(tmp_path / "lm.arpa"), dictionary.Dictionary(["<blank>", "a", "b", "<space>"]))
+    options = text_decoder.LexiconFreeDecoderOptions(
+        beam_size=16, beam_size_token=4, beam_threshold=1e9, lm_weight=weight * math.log(10), sil_score=0.0,
+        log_add=True, criterion_type=text_decoder.CriterionType.CTC)
+    theirs = text_decoder.LexiconFreeDecoder(options, their_lm, 0, 0, [])
+    generator = torch.Generator().manual_seed(0)
+    num_frames, lines = 7, 40
+    peaks = torch.randint(0, 4, (num_frames, lines), generator=generator)
+    logits = torch.randn(num_frames, lines, 4, generator=generator)
+    logits.scatter_add_(2, peaks[..., None], torch.full((num_frames, lines, 1), 4.0))
+    log_probs = logits.log_softmax(-1)
+    labels = ours(log_probs, torch.full((lines,), num_frames)).labels
+    same = 0
+    for b in range(lines):
+        line = log_probs[:, b].contiguous()
+        tokens = theirs.decode(line.data_ptr(), num_frames, 4)[0].tokens
+        text, their_text = charset.decode(labels[b]), charset.decode([k for k, _ in itertools.groupby(tokens) if k])
+        if text == their_text:
+            same += 1
+            continue
+        best, _ = exhaustive_best(line.double(), charset, lm, weight)
+        fused = {t: p + weight * lm.score(t) for t, p in
+                 ((charset.decode(k), p) for k, p in bf.labelling_log_probs(line.double(), 0).items())}
+        assert text == best and fused[text] > fused[their_text]
+    assert same >= 30
 
 
 # ---------------------------------------------------------------- decoder objects
