@@ -432,8 +432,8 @@ class _PrunedFrames(NamedTuple):
     ``(T', B, 1 + C)`` int32, ``first``, ``blank_pair``, ``after_blank``: ``(T', B)``, per step, pairs counted from
     the step's first.
     ``num_pairs``, ``widths``, ``fewest`` and ``num_lines``: ``T'`` Python ints, per step the pairs, the most
-    and the fewest pairs of a running row, and the rows with a kept frame left (the first ones). ``skipped_log_prob``: ``(B,)`` in input order, the
-    skipped frames' blank log-probs summed.
+    and the fewest pairs of a running row, and the rows with a kept frame left (the first ones).
+    ``skipped_log_prob``: ``(B,)`` in input order, the skipped frames' blank log-probs summed.
     """
 
     lines: Tensor
@@ -454,9 +454,10 @@ class _PrunedFrames(NamedTuple):
         """Step ``step``'s :class:`_Candidates`, its pairs starting at ``start``."""
         rows, end = self.num_lines[step], start + self.num_pairs[step]
         line, classes, column = self.pairs[:, start:end, None]
-        return _Candidates(line[:, 0], classes, self.pair_log_probs[start:end, None], column, self.pair_of[step, :rows],
-                           self.first[step, :rows, None], self.blank_pair[step, :rows, None],
-                           self.after_blank[step, :rows, None], self.widths[step], self.fewest[step])
+        return _Candidates(line[:, 0], classes, self.pair_log_probs[start:end, None], column,
+                           self.pair_of[step, :rows], self.first[step, :rows, None],
+                           self.blank_pair[step, :rows, None], self.after_blank[step, :rows, None],
+                           self.widths[step], self.fewest[step])
 
 
 def _prune_frames(log_probs: Tensor, blank: int, token_min_logp: float) -> _PrunedFrames:
@@ -646,8 +647,8 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, candidates: _Candidates,
     label = candidates.classes.take(pair)
     extended = label != blank
     new_total = flat.take(chosen)
-    p_blank, p_label = stay_blank.gather(1, parent).masked_fill_(extended, float("-inf")), torch.where(
-        extended, new_total, stay_label.gather(1, parent))
+    p_blank = stay_blank.gather(1, parent).masked_fill_(extended, float("-inf"))
+    p_label = torch.where(extended, new_total, stay_label.gather(1, parent))
     if keep > width * candidates.fewest:
         new_total, p_blank, p_label = (x.masked_fill_(dead, float("-inf")) for x in (new_total, p_blank, p_label))
     parent_key = beams.key.gather(1, parent)
@@ -728,11 +729,6 @@ def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
     return table.take(state * table.shape[1] + label)
 
 
-def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
-    """``table[state, label]`` for ``(S, C)`` ``table`` and ``state``, ``label`` of one shape, as one flat take."""
-    return table.take(state * table.shape[1] + label)
-
-
 def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, blank_pair: Tensor) -> Tensor:
     """Take the extensions ``p + c`` that equal a live prefix ``q`` of the beam out of ``extend``.
 
@@ -767,7 +763,7 @@ def _top_k_pairs(ranking: Tensor, k: int, candidates: _Candidates) -> tuple[Tens
     ties to the lower (slot, class): ``(B, k)`` int64 their pairs (``-1`` past a line's ``W * n`` entries) and
     slots.
 
-    The entries are written into a ``(B, K * N)`` table, each line's at ``slot * N + column``, as int64 keys that
+    The entries are written into a ``(B, W * N)`` table, each line's at ``slot * N + column``, as int64 keys that
     order like the scores and, among equal ones, reversed like the positions, so one :func:`torch.topk` (float32)
     or stable sort (float64) per line picks them; the table's padding holds the smallest int64, below every key.
     A float's bits, read as a signed integer, with the magnitude bits of negative numbers flipped, order like the
