@@ -623,12 +623,13 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, candidates: _Candidates,
     flat = extend.view(-1)
     slots = torch.arange(width, device=total.device)
     last_pair = candidates.find(beams.last)  # (B, K)
-    repeat = torch.where(last_pair >= 0, last_pair, candidates.blank_pair) * width + slots  # blank pair: overwritten
+    own_stay = candidates.blank_pair * width + slots  # (B, K) each slot's entry of the blank pair: overwritten below
+    repeat = torch.where(last_pair >= 0, last_pair * width + slots, own_stay)
     flat.scatter_(0, repeat.view(-1), (p_blank + last_log_prob).view(-1))
     if fusion is not None and fusion.lexicon.sink >= 0:  # extensions that leave the lexicon are impossible
         lexicon_next = _pair_states(fusion.lexicon.next_state, beams.lexicon_state, candidates)
         extend.masked_fill_(lexicon_next == fusion.lexicon.sink, float("-inf"))
-    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, flat, last_pair, candidates.blank_pair))
+    stay_label = torch.logaddexp(stay_label, _merge_duplicates(beams, flat, last_pair, own_stay))
 
     # The blank pairs become the prefixes unchanged: scores is extend, with them written in.
     stay_total = torch.logaddexp(stay_blank, stay_label)
@@ -639,8 +640,9 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, candidates: _Candidates,
     else:
         ranking = scores
     keep = min(beam_width, width * candidates.width)
-    pair, parent = _top_k_pairs(ranking, keep, candidates)
-    if keep > width * candidates.fewest:  # lines with fewer candidates than slots: the rest are dead
+    padded = keep > width * candidates.fewest  # lines with fewer candidates than slots: the rest are dead
+    pair, parent = _top_k_pairs(ranking, keep, candidates, padded)
+    if padded:
         dead = pair < 0
         pair = torch.where(dead, candidates.blank_pair, pair)
     chosen = pair * width + parent  # into the flat (M, K)
@@ -649,7 +651,7 @@ def _step(beams: _Beams, log_probs: Tensor, blank: int, candidates: _Candidates,
     new_total = flat.take(chosen)
     p_blank = stay_blank.gather(1, parent).masked_fill_(extended, float("-inf"))
     p_label = torch.where(extended, new_total, stay_label.gather(1, parent))
-    if keep > width * candidates.fewest:
+    if padded:
         new_total, p_blank, p_label = (x.masked_fill_(dead, float("-inf")) for x in (new_total, p_blank, p_label))
     parent_key = beams.key.gather(1, parent)
     new_beams = _Beams(
@@ -707,10 +709,11 @@ def _advance_fusion(new_beams: _Beams, beams: _Beams, fusion: Fusion, parent: Te
     """``new_beams`` with the automata states of the chosen candidates: the parent slot's states advanced by the
     appended label (``(B, K)`` ``parent``, ``label``). The blank columns of the tables keep the state, so stays
     need no special case."""
-    new_beams = new_beams._replace(
-        lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
-        lexicon_state=_next_state(fusion.lexicon.next_state, beams.lexicon_state.gather(1, parent), label),
-    )
+    lexicon_state = beams.lexicon_state.gather(1, parent)
+    if fusion.lexicon.sink >= 0:  # without a lexicon its one node stays
+        lexicon_state = _next_state(fusion.lexicon.next_state, lexicon_state, label)
+    new_beams = new_beams._replace(lm_state=_next_state(fusion.lm_next, beams.lm_state.gather(1, parent), label),
+                                   lexicon_state=lexicon_state)
     if fusion.word_lm is not None:
         tables = fusion.word_lm
         node, state = beams.word_node.gather(1, parent), beams.word_state.gather(1, parent)
@@ -729,7 +732,7 @@ def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
     return table.take(state * table.shape[1] + label)
 
 
-def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, blank_pair: Tensor) -> Tensor:
+def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, own_stay: Tensor) -> Tensor:
     """Take the extensions ``p + c`` that equal a live prefix ``q`` of the beam out of ``extend``.
 
     Live prefixes are distinct, so each live ``q`` has at most one live parent ``p`` in the beam,
@@ -740,7 +743,7 @@ def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, blank_pa
         extend: ``(M * K,)`` float ends-in-label log-probs of the extensions, flat by ``pair * K + slot``.
         last_pair: ``(B, K)`` int64 the candidate pair of each prefix's last label, ``-1`` for the empty prefix
             and for a last label that is no candidate (its extension is ``-inf``).
-        blank_pair: ``(B, 1)`` int64 each line's blank pair.
+        own_stay: ``(B, K)`` int64 each slot's own entry of its line's blank pair (overwritten by the caller).
 
     Returns:
         ``(B, K)`` float log-prob each prefix receives from its parent's extension (``-inf`` if none).
@@ -751,17 +754,16 @@ def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, blank_pa
     live_keys, slot_of = torch.where(alive, beams.key, -1).sort(1)
     found = torch.searchsorted(live_keys, beams.parent_key).clamp_(max=width - 1)
     has_parent = (live_keys.gather(1, found) == beams.parent_key) & alive & (last_pair >= 0)
-    own_stay = blank_pair * width + torch.arange(width, device=extend.device)
     twin = torch.where(has_parent, last_pair * width + slot_of.gather(1, found), own_stay).view(-1)  # (B * Kq,)
     incoming = extend.take(twin).masked_fill_(~has_parent.view(-1), float("-inf"))
     extend.index_fill_(0, twin, float("-inf"))  # own stays are overwritten by the caller
     return incoming.view_as(has_parent)
 
 
-def _top_k_pairs(ranking: Tensor, k: int, candidates: _Candidates) -> tuple[Tensor, Tensor]:
+def _top_k_pairs(ranking: Tensor, k: int, candidates: _Candidates, padded: bool) -> tuple[Tensor, Tensor]:
     """Each line's ``k`` largest entries of ``ranking`` ``(M, W)`` (by candidate pair and slot), largest first,
-    ties to the lower (slot, class): ``(B, k)`` int64 their pairs (``-1`` past a line's ``W * n`` entries) and
-    slots.
+    ties to the lower (slot, class): ``(B, k)`` int64 their pairs and slots. ``padded``: ``k`` may exceed a line's
+    ``W * n`` entries; the pairs past them are ``-1``.
 
     The entries are written into a ``(B, W * N)`` table, each line's at ``slot * N + column``, as int64 keys that
     order like the scores and, among equal ones, reversed like the positions, so one :func:`torch.topk` (float32)
@@ -789,7 +791,7 @@ def _top_k_pairs(ranking: Tensor, k: int, candidates: _Candidates) -> tuple[Tens
         top, position = top[:, :k], position[:, :k]
     slot = position // columns
     pair = candidates.first + position - slot * columns
-    return pair.masked_fill_(top == torch.iinfo(torch.int64).min, -1), slot
+    return (pair.masked_fill_(top == torch.iinfo(torch.int64).min, -1) if padded else pair), slot
 
 
 def _extend_hash(key: Tensor, label: Tensor) -> Tensor:
