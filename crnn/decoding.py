@@ -323,8 +323,8 @@ def beam_search(log_probs: Tensor, input_lengths: Tensor, beam_width: int = 10, 
         token_min_logp: None searches every class of every frame. A number prunes (see :func:`_prune_frames`):
             a non-blank class below it on a frame, unless it is the frame's most likely class, gets probability
             0 there, frames left with the blank only are skipped, and each frame's extensions are only by the
-            classes that remain. The result is the exact search's on those pruned log-probs, so scores sum over
-            the paths through the kept classes only.
+            classes that remain. The result is the exact search's on those pruned log-probs (up to the order
+            among exactly tied candidates), so scores sum over the paths through the kept classes only.
 
     Returns:
         :class:`Decoded`: the best labelling of each line as a list of label ids, and ``(B,)`` float
