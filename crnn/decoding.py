@@ -281,9 +281,9 @@ class _Beams(NamedTuple):
         pad = width - self.last.shape[1]
         if pad == 0:
             return self
-        values = (float("-inf"),) * 3 + (-1,) + (0,) * (len(self) - 4)  # dead; no prefix; valid states
-        return _Beams(*(None if field is None else F.pad(field, (0, pad), value=value)
-                        for field, value in zip(self, values)))
+        dead = {"p_blank": float("-inf"), "p_label": float("-inf"), "total": float("-inf"), "last": -1}  # else 0
+        return _Beams(*(None if field is None else F.pad(field, (0, pad), value=dead.get(name, 0))
+                        for name, field in zip(self._fields, self)))
 
     def split(self, rows: int) -> tuple[_Beams, _Beams]:
         """The first ``rows`` lines, and the others."""

@@ -414,6 +414,7 @@ def accuracy_main(args: argparse.Namespace) -> None:
             print(accuracy_row(name, runs[name], references), flush=True)
         if not single:
             continue
+
         def compare(name: str, theirs: Callable[[], Scored], ours_name: str, normalise: bool = False) -> None:
             """Their row, and the throughput ratio of ours (``ours_name``) to theirs from interleaved passes."""
             decoder = decoders[ours_name]
