@@ -212,6 +212,15 @@ def test_narrow_beam_agrees_with_greedy_on_peaky_input():
     assert agreement > 0.8
 
 
+def test_beam_scores_are_an_ordinary_tensor_outside_the_search():
+    """The search runs in inference mode; its scores must still take in-place updates and autograd inputs."""
+    log_probs = random_log_probs((6, 3, 5), seed=4, dtype=torch.float32).requires_grad_()
+    _, scores = beam_search(log_probs, torch.tensor([6, 4, 5]), beam_width=3, token_min_logp=-3.0)
+    assert not scores.is_inference() and not scores.requires_grad
+    scores.mul_(2.0)
+    (scores.detach() * log_probs[0, :, 0]).sum().backward()  # an inference tensor could not be saved for this
+
+
 def test_empty_batch_and_zero_frames():
     assert beam_search(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.int64))[0] == []
     labellings, scores = beam_search(torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.int64))
