@@ -169,7 +169,7 @@ class Fusion(NamedTuple):
     parent's, plus the transition's score, plus ``potential(new state) - potential(old state)``.
 
     ``step``: ``(S, C)`` float ``lm_weight * log P_lm(c | state) + insertion_bonus`` (0 for the blank);
-    ``lm_next``: ``(S, C)`` int64; ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
+    ``lm_next``: ``(S, C)`` int32; ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
     ``lexicon``: :class:`crnn.lexicon.LexiconTables`; ``class_mask``: ``(C,)`` float, 0 for allowed classes
     (and the blank), ``-inf`` for the others, added to the log-probs; ``word_lm``: the vocabulary trie
     (:class:`crnn.word_lm.WordLMTables`) and ``word_scorer`` the host-side :class:`crnn.word_lm.WordLM`, or None;
@@ -198,13 +198,13 @@ class Fusion(NamedTuple):
         if lm is not None:
             tables = lm.tables(class_chars)
         else:
-            tables = LMTables(torch.zeros(1, num_classes), torch.zeros(1, num_classes, dtype=torch.int64),
+            tables = LMTables(torch.zeros(1, num_classes), torch.zeros(1, num_classes, dtype=torch.int32),
                               torch.zeros(1), 0)
         step = lm_weight * tables.log_probs + insertion_bonus * not_blank
         if lexicon is not None:
             lexicon_tables = lexicon.tables(class_chars)
         else:
-            lexicon_tables = LexiconTables(torch.zeros(1, num_classes, dtype=torch.int64), torch.ones(1, dtype=bool),
+            lexicon_tables = LexiconTables(torch.zeros(1, num_classes, dtype=torch.int32), torch.ones(1, dtype=bool),
                                            0, -1)
         class_mask = torch.zeros(num_classes)
         if allow is not None:
@@ -740,8 +740,9 @@ def _advance_fusion(new_beams: _Beams, beams: _Beams, fusion: Fusion, parent: Te
 
 
 def _next_state(table: Tensor, state: Tensor, label: Tensor) -> Tensor:
-    """``table[state, label]`` for ``(S, C)`` ``table`` and ``state``, ``label`` of one shape, as one flat take."""
-    return table.take(state * table.shape[1] + label)
+    """``table[state, label]`` for an int32 ``(S, C)`` ``table`` and int64 ``state``, ``label`` of one shape, as one
+    flat take; int64, so that ``state * C`` cannot overflow in the next lookup."""
+    return table.take(state * table.shape[1] + label).long()
 
 
 def _merge_duplicates(beams: _Beams, extend: Tensor, last_pair: Tensor, own_stay: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ LEXICON_MODES = ("word", "line")
 class LexiconTables(NamedTuple):
     """A lexicon as an automaton over ``N`` trie nodes for a ``C``-class recogniser.
 
-    ``next_state``: ``(N, C)`` int64 node after a class's character, ``sink`` where the lexicon has no such
+    ``next_state``: ``(N, C)`` int32 node after a class's character, ``sink`` where the lexicon has no such
     continuation (the node itself in the blank's column); ``accepting``: ``(N,)`` bool, a line may end there;
     ``start``: the node of the empty line; ``sink``: the node of every text that is no lexicon prefix.
     """
@@ -99,7 +99,9 @@ class Lexicon:
                 node = children[node][char]
             terminal[node] = True
         children[word_start] = children[start]
-        next_state = torch.full((len(children), len(class_chars)), sink, dtype=torch.int64)
+        if len(children) > torch.iinfo(torch.int32).max:
+            raise ValueError(f"{len(children):,} lexicon trie nodes do not fit the int32 node tables")
+        next_state = torch.full((len(children), len(class_chars)), sink, dtype=torch.int32)
         for node, kids in enumerate(children):
             for char, child in kids.items():
                 next_state[node, column[char]] = child
@@ -110,5 +112,5 @@ class Lexicon:
                 next_state[accepting, column[" "]] = word_start
                 next_state[start, column[" "]] = sink  # no leading space
         blank = [c for c, char in enumerate(class_chars) if char is None]
-        next_state[:, blank] = torch.arange(len(children))[:, None]
+        next_state[:, blank] = torch.arange(len(children), dtype=torch.int32)[:, None]
         return LexiconTables(next_state.to(device), accepting.to(device), start, sink)

@@ -49,7 +49,7 @@ class LMTables(NamedTuple):
     """An :class:`NgramLM` as an automaton over ``S`` states for a ``C``-class recogniser (see the module doc).
 
     ``log_probs``: ``(S, C)`` float32 ``log P(class's character | state)`` (0 in the blank's column);
-    ``next_state``: ``(S, C)`` int64 state after that character (the state itself in the blank's column);
+    ``next_state``: ``(S, C)`` int32 state after that character (the state itself in the blank's column);
     ``end``: ``(S,)`` float32 ``log P(</s> | state)``; ``start``: the state of an empty line (``<s>``).
     """
 
@@ -111,7 +111,7 @@ class NgramLM:
 
         Row of a state ``s``: the row of its longest proper suffix that is a state, plus ``s``'s back-off, then
         overwritten where ``s + c`` is an n-gram (its probability; its index as the next state if it is a state
-        itself). Rows are built in order of context length, so each copies a finished row. Memory: ``S * C * 12``
+        itself). Rows are built in order of context length, so each copies a finished row. Memory: ``S * C * 8``
         bytes for ``S`` = number of n-grams of order ``< N`` (+1).
         """
         states: list[Ngram] = [(), *(g for order in self.entries[:-1] for g in order)]
@@ -122,7 +122,9 @@ class NgramLM:
             if token is not None:
                 column_of[token].append(column)
         log10 = np.full((len(states), len(columns)), self.unknown_log10)
-        next_state = np.zeros((len(states), len(columns)), dtype=np.int64)
+        if len(states) > np.iinfo(np.int32).max:
+            raise ValueError(f"{len(states):,} LM states do not fit the int32 state tables; prune the model")
+        next_state = np.zeros((len(states), len(columns)), dtype=np.int32)
         by_length: dict[int, list[int]] = defaultdict(list)
         for i, state in enumerate(states[1:], start=1):
             by_length[len(state)].append(i)
