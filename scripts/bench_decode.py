@@ -54,7 +54,7 @@ from typing import NamedTuple
 import editdistance
 import torch
 
-from crnn.decoding import BeamSearchDecoder, Decoder, Fusion, GreedyDecoder, beam_search, greedy_decode
+from crnn.decoding import BACKENDS, BeamSearchDecoder, Decoder, Fusion, GreedyDecoder, beam_search, greedy_decode
 from crnn.lexicon import LEXICON_MODES, Lexicon
 from crnn.lm import SPACE, NgramLM
 from scripts.options import log_prob_or_none
@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--token-min-logp", type=log_prob_or_none, default=-5.0, metavar="LOGP",
                         help="our beam search's per-frame class pruning (default -5); 'none': every class")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="our beam search's backend (default auto: numba on the CPU, tensor on CUDA and with a "
+                             "word LM); without --checkpoint the other one on the CPU is timed too")
     accuracy = parser.add_argument_group("accuracy on a labelled set (with --checkpoint)")
     accuracy.add_argument("--checkpoint", help="a training checkpoint: decode its log-probs of --data")
     accuracy.add_argument("--data", help="gt.txt folder or LMDB directory")
@@ -372,7 +375,7 @@ def accuracy_main(args: argparse.Namespace) -> None:
     charset = module.charset
     references = [label for batch in batches for label in batch.labels]
     print(f"{args.data}: {len(references)} lines, decoders on {args.device}, torch_threads={torch.get_num_threads()}, "
-          f"our token_min_logp={args.token_min_logp}")
+          f"our token_min_logp={args.token_min_logp}, backend={args.backend}")
     start = time.perf_counter()
     lm = NgramLM.read_arpa(args.lm) if args.lm else None
     lexicon = Lexicon.from_file(args.lexicon, args.lexicon_mode) if args.lexicon else None
@@ -390,14 +393,15 @@ def accuracy_main(args: argparse.Namespace) -> None:
     print(accuracy_row("greedy", runs["greedy"], references), flush=True)
     single = len(args.lm_weight) == 1 and len(args.insertion_bonus) == 1
     for width in args.beam_widths:
-        decoders: dict[str, Decoder] = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp)}
+        decoders: dict[str, Decoder] = {f"beam {width}": BeamSearchDecoder(width, token_min_logp=args.token_min_logp,
+                                                                         backend=args.backend)}
         for name, fusion in fusions.items():
             decoders[f"beam {width} + {name}"] = (
                 lambda log_probs, lengths, blank, width=width, fusion=fusion:
                 beam_search(log_probs, lengths, beam_width=width, blank=blank, fusion=fusion,
-                            token_min_logp=args.token_min_logp))
+                            token_min_logp=args.token_min_logp, backend=args.backend))
         if single:
-            common = dict(charset=charset, token_min_logp=args.token_min_logp)
+            common = dict(charset=charset, token_min_logp=args.token_min_logp, backend=args.backend)
             words = dict(word_lm_path=args.word_lm, word_lm_weight=args.word_lm_weight,
                          word_unk_offset=args.word_unk_offset, word_bonus=args.word_bonus, **common)
             if args.word_lm:
@@ -494,16 +498,25 @@ def main(argv: list[str] | None = None) -> None:
     lengths = torch.full((args.lines,), args.frames, dtype=torch.int64, device=args.device)
     print(
         f"B={args.lines} T={args.frames} C={args.classes} beam_width={args.beam_width} "
-        f"device={args.device} torch_threads={torch.get_num_threads()} token_min_logp={args.token_min_logp}"
+        f"device={args.device} torch_threads={torch.get_num_threads()} token_min_logp={args.token_min_logp} "
+        f"backend={args.backend}"
     )
 
     greedy_s, _ = median_seconds(lambda: greedy_decode(on_device, lengths, args.blank), args.repeats, args.device)
     report("greedy_decode", greedy_s, args.lines)
     beam_s, (ours, _) = median_seconds(
-        lambda: beam_search(on_device, lengths, args.beam_width, args.blank, token_min_logp=args.token_min_logp),
+        lambda: beam_search(on_device, lengths, args.beam_width, args.blank, token_min_logp=args.token_min_logp,
+                            backend=args.backend),
         args.repeats, args.device
     )
     report("beam_search (ours)", beam_s, args.lines)
+    if args.device == "cpu":  # the other backend too
+        other = "numba" if args.backend == "tensor" else "tensor"
+        other_s, _ = median_seconds(
+            lambda: beam_search(on_device, lengths, args.beam_width, args.blank, token_min_logp=args.token_min_logp,
+                                backend=other), args.repeats, args.device)
+        report(f"beam_search ({other} backend)", other_s, args.lines)
+        print(f"ours / {other} backend: {other_s / beam_s:.1f}x")
     if args.word_lm:
         time_word_lm(args, on_device, lengths, beam_s)
 

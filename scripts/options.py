@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from crnn.decoding import BeamSearchDecoder, Decoder, GreedyDecoder
+from crnn.decoding import BACKENDS, BeamSearchDecoder, Decoder, GreedyDecoder
 from crnn.lexicon import LEXICON_MODES
 from data import Charset
 
@@ -31,14 +31,16 @@ def log_prob_or_none(text: str) -> float | None:
 
 
 def add_recognition_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """``--decoder``, ``--beam-width``, ``--token-min-logp``, the beam search's LMs / lexicon / allowed characters /
-    hotwords,
-    ``--batch-size`` (default ``batch_size``) and ``--device``."""
+    """``--decoder``, ``--beam-width``, ``--token-min-logp``, ``--backend``, the beam search's LMs / lexicon /
+    allowed characters / hotwords, ``--batch-size`` (default ``batch_size``) and ``--device``."""
     parser.add_argument("--decoder", choices=DECODERS, default="greedy")
     parser.add_argument("--beam-width", type=positive_int, default=10, help="prefixes kept per frame by --decoder beam")
     parser.add_argument("--token-min-logp", type=log_prob_or_none, default=-5.0, metavar="LOGP",
                         help="--decoder beam: per frame, skip classes below this log-prob (default -5, as "
                              "pyctcdecode); 'none': the exact search over every class; -inf as --token-min-logp=-inf")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="--decoder beam: auto (default: numba on the CPU, tensor on CUDA and with --word-lm), "
+                             "tensor (the batched search) or numba (the compiled search one line at a time)")
     fusion = parser.add_argument_group("beam search with a language model or lexicon (with --decoder beam)")
     fusion.add_argument("--lm", metavar="PATH", help="ARPA character n-gram model (scripts/train_char_lm.py)")
     fusion.add_argument("--lm-weight", type=float, default=0.5, metavar="W", help="weight of log P_lm (default 0.5)")
@@ -80,4 +82,4 @@ def decoder_from_args(args: argparse.Namespace, charset: Charset) -> Decoder:
                              word_lm_weight=args.word_lm_weight, word_unk_offset=args.word_unk_offset,
                              word_bonus=args.word_bonus, word_lm_vocabulary=args.word_lm_vocabulary,
                              hotwords=args.hotwords or args.hotwords_file, hotword_weight=args.hotword_weight,
-                             charset=charset, token_min_logp=args.token_min_logp)
+                             charset=charset, token_min_logp=args.token_min_logp, backend=args.backend)

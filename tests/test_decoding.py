@@ -10,12 +10,21 @@ import torch
 import torch.nn.functional as F
 
 import brute_force as bf
+from crnn import decoding
 from crnn.decoding import BeamSearchDecoder, Decoded, Fusion, GreedyDecoder, beam_search, greedy_decode
 from crnn.lexicon import Lexicon
 from crnn.lm import witten_bell
 from crnn.module import CRNNModule
 from data import Charset
 from host_sync import value_reads
+
+
+@pytest.fixture(autouse=True, params=["tensor", "numba"])
+def backend(request, monkeypatch):
+    """Every test here runs on both backends of the beam search, the batched tensor search and the compiled
+    search one line at a time: within a test, ``beam_search`` is the backend's."""
+    monkeypatch.setitem(globals(), "beam_search", functools.partial(decoding.beam_search, backend=request.param))
+    return request.param
 
 
 def logaddexp(a, b):
@@ -229,10 +238,12 @@ def test_empty_batch_and_zero_frames():
     assert labellings == [[], []] and scores.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("decode", [greedy_decode, beam_search, functools.partial(beam_search, token_min_logp=-1.0)],
+@pytest.mark.parametrize("decode", [greedy_decode, functools.partial(beam_search, backend="tensor"),
+                                    functools.partial(beam_search, token_min_logp=-1.0, backend="tensor")],
                          ids=["greedy", "beam", "beam pruned"])
 def test_no_host_sync_per_time_step(decode):
-    """Decoding reads tensor values back to Python (a host sync on CUDA) a fixed number of times, whatever T."""
+    """Decoding reads tensor values back to Python (a host sync on CUDA) a fixed number of times, whatever T (the
+    tensor search: the numba one runs on the host)."""
 
     def run(frames):
         decode(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]))
@@ -486,8 +497,8 @@ def test_fusion_adds_no_host_sync_per_time_step():
     fusion = Fusion.build(charset, witten_bell(["abc de", "cab"], 3), 0.5, 0.2, Lexicon(["abc", "de", "cab"]), "abcd")
 
     def run(frames):
-        beam_search(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]), 4,
-                    fusion=fusion)
+        decoding.beam_search(random_log_probs((frames, 3, 6), seed=frames), torch.tensor([frames, frames - 2, 1]),
+                             4, fusion=fusion, backend="tensor")
 
     assert value_reads(lambda: run(8)) == value_reads(lambda: run(40))
 

@@ -228,8 +228,9 @@ def test_word_lm_errors_name_the_problem(tmp_path, word_arpa):
 @pytest.mark.parametrize(("hotwords", "blank"), [(["ab"], 0), (["ab", "b"], 2), (["a b", "b a", "ba"], 0),
                                                  (["bab", "ab ab"], 3)])
 @pytest.mark.parametrize("weight", [0.5, 3.0, -1.0])
-def test_hotwords_with_an_unbounded_beam_find_the_exhaustive_argmax(hotwords, blank, weight):
-    decoder = BeamSearchDecoder(hotwords=hotwords, hotword_weight=weight)
+@pytest.mark.parametrize("backend", ["tensor", "numba"])
+def test_hotwords_with_an_unbounded_beam_find_the_exhaustive_argmax(hotwords, blank, weight, backend):
+    decoder = BeamSearchDecoder(hotwords=hotwords, hotword_weight=weight, backend=backend)
     check_unbounded_beam(Charset("ab ", blank=blank), decoder, lambda text: hotword_score(text, hotwords, weight),
                          seed=blank + len(hotwords) + int(weight))
 
@@ -256,14 +257,16 @@ def test_hotword_automaton_scores_every_text_like_the_regular_expression():
             assert total == pytest.approx(hotword_score(text, hotwords, 1.0)), text
 
 
-def test_hotwords_steer_a_narrow_beam():
+@pytest.mark.parametrize("backend", ["tensor", "numba"])
+def test_hotwords_steer_a_narrow_beam(backend):
     """Width 1, hotword "ab": the first frame slightly prefers "b" to "a", the second is a clear "b". Without the
     bonus of the partial match "a" the one slot keeps "b" and never reaches "ab"."""
     charset = Charset("ab ")
     probs = torch.tensor([[0.03, 0.45, 0.5, 0.02], [0.05, 0.03, 0.9, 0.02]], dtype=torch.float64)
     log_probs = probs.log()[:, None]
-    plain = beam_search(log_probs, torch.tensor([2]), 1).labels
-    boosted = BeamSearchDecoder(1, hotwords=["ab"], hotword_weight=1.0, charset=charset)(log_probs, torch.tensor([2]))
+    plain = beam_search(log_probs, torch.tensor([2]), 1, backend=backend).labels
+    boosted = BeamSearchDecoder(1, hotwords=["ab"], hotword_weight=1.0, charset=charset, backend=backend)(
+        log_probs, torch.tensor([2]))
     assert charset.decode(plain[0]) == "b" and charset.decode(boosted.labels[0]) == "ab"
 
 
@@ -279,7 +282,7 @@ def test_hotwords_from_a_file_and_errors(tmp_path):
 
 
 def test_hotwords_add_no_host_sync_per_time_step():
-    decoder = BeamSearchDecoder(4, hotwords=["ab", "b a"], charset=Charset("ab "))
+    decoder = BeamSearchDecoder(4, hotwords=["ab", "b a"], charset=Charset("ab "), backend="tensor")
 
     def run(frames):
         decoder(random_log_probs((frames, 3, 4), seed=frames), torch.tensor([frames, frames - 2, 1]))
