@@ -22,7 +22,17 @@ from crnn.decoding import _HASH_BASES, _HASH_MOD  # the tensor search's prefix k
 _HASH_BASE_HIGH, _HASH_BASE_LOW = _HASH_BASES
 
 
-@njit(cache=True, nogil=True)
+def _compiled(function):
+    """``numba.njit(function)``, its machine code cached on disk; without the cache where numba finds no writable
+    place for it (a read-only install, and neither a writable home nor ``NUMBA_CACHE_DIR``): then every process
+    compiles it anew."""
+    try:
+        return njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available for file ..."
+        return njit(nogil=True)(function)
+
+
+@_compiled
 def _logaddexp(a, b):
     """``log(exp(a) + exp(b))`` as torch computes it (``-inf`` for two ``-inf``)."""
     if a == b and np.isinf(a):
@@ -30,14 +40,14 @@ def _logaddexp(a, b):
     return max(a, b) + np.log1p(np.exp(-abs(a - b)))
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def _extend_hash(key, label):
     high = (key >> 31) * _HASH_BASE_HIGH + label + 1
     low = (key & _HASH_MOD) * _HASH_BASE_LOW + label + 1
     return (high % _HASH_MOD) << 31 | (low % _HASH_MOD)
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def _search_line(log_probs, length, beam_width, blank, token_min_logp, skip_blanks, step, lm_next, lm_end,
                  lm_start, lexicon_next, accepting, lexicon_start, lexicon_sink, hotword_next, hotword_potential,
                  hotword_commit, hotword_root, hotword_space, labels_out):
@@ -183,7 +193,7 @@ def _search_line(log_probs, length, beam_width, blank, token_min_logp, skip_blan
     return num_labels, total[best] + skipped
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def search_lines(log_probs, lengths, beam_width, blank, token_min_logp, skip_blanks, step, lm_next, lm_end,
                  lm_start, lexicon_next, accepting, lexicon_start, lexicon_sink, hotword_next, hotword_potential,
                  hotword_commit, hotword_root, hotword_space):

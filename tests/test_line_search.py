@@ -3,6 +3,8 @@
 
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,3 +106,19 @@ def test_exhaustive_agreement_on_every_peaky_two_line_pattern():
     log_probs = probs.log()
     for beam_width, token_min_logp in [(1, None), (2, -2.0), (9, None), (9, -math.inf)]:
         assert_backends_agree(log_probs, torch.full((len(patterns),), 4), beam_width, token_min_logp=token_min_logp)
+
+
+def test_compiles_without_a_disk_cache_where_numba_has_nowhere_to_write_one():
+    """A read-only install without a writable home: numba's cache has no locator, and the search compiles per
+    process instead of failing to import (a fresh interpreter, so that the module is compiled anew)."""
+    script = """
+import numba.core.caching, torch
+numba.core.caching.CacheImpl._locator_classes = []  # as where no cache directory is writable
+from crnn.decoding import beam_search
+log_probs = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+compiled = beam_search(log_probs, torch.tensor([6, 4, 0]), 4, backend="numba")
+assert compiled.labels == beam_search(log_probs, torch.tensor([6, 4, 0]), 4, backend="tensor").labels
+print(compiled.labels)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
