@@ -48,6 +48,27 @@ def _extend_hash(key, label):
 
 
 @_compiled
+def _top_positions(ranking, count, keep, order):
+    """Write into ``order[:keep]`` the positions of the ``keep`` largest of ``ranking[:count]``, largest first,
+    ties to the lower position; returns ``keep``. An insertion into a sorted list of at most ``keep``: after the
+    first few slots' candidates, most others fail one comparison."""
+    size = 0
+    for position in range(count):
+        value = ranking[position]
+        if size == keep:
+            if not value > ranking[order[keep - 1]]:
+                continue
+            size -= 1
+        i = size
+        while i > 0 and value > ranking[order[i - 1]]:
+            order[i] = order[i - 1]
+            i -= 1
+        order[i] = position
+        size += 1
+    return keep
+
+
+@_compiled
 def _search_line(log_probs, length, beam_width, blank, token_min_logp, skip_blanks, step, lm_next, lm_end,
                  lm_start, lexicon_next, accepting, lexicon_start, lexicon_sink, hotword_next, hotword_potential,
                  hotword_commit, hotword_root, hotword_space, labels_out):
@@ -80,6 +101,7 @@ def _search_line(log_probs, length, beam_width, blank, token_min_logp, skip_blan
     stay_blank, stay_label = np.empty(beam_width, log_probs.dtype), np.empty(beam_width, log_probs.dtype)
     score, ranking, candidate_prior = (np.empty(most, log_probs.dtype), np.empty(most, log_probs.dtype),
                                        np.empty(most, log_probs.dtype))
+    order = np.empty(beam_width, np.int64)
     history_parent = np.empty((num_frames, beam_width), np.int64)
     history_label = np.empty((num_frames, beam_width), np.int64)
     steps, skipped, after_blank = 0, zero, False
@@ -145,8 +167,7 @@ def _search_line(log_probs, length, beam_width, blank, token_min_logp, skip_blan
                     value += boost
                 candidate_prior[position] = value
                 ranking[position] = score[position] + value
-        order = np.argsort(-ranking[:count], kind="mergesort")
-        keep = min(beam_width, count)
+        keep = _top_positions(ranking, count, min(beam_width, count), order)
         (new_p_blank, new_p_label, new_total, new_prior, new_last, new_key, new_parent_key, new_lm_state,
          new_lexicon_state, new_hotword_state) = new
         for i in range(keep):
