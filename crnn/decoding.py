@@ -177,7 +177,7 @@ class Fusion(NamedTuple):
     parent's, plus the transition's score, plus ``potential(new state) - potential(old state)``.
 
     ``step``: ``(S, C)`` float ``lm_weight * log P_lm(c | state) + insertion_bonus`` (0 for the blank);
-    ``lm_next``: ``(S, C)`` int32; ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
+    ``lm_next``: ``(S, C)`` int32 (the two interleaved in memory, :func:`interleaved_lm_tables`); ``lm_end``: ``(S,)`` float ``lm_weight * log P_lm(</s> | state)``;
     ``lexicon``: :class:`crnn.lexicon.LexiconTables`; ``class_mask``: ``(C,)`` float, 0 for allowed classes
     (and the blank), ``-inf`` for the others, added to the log-probs; ``word_lm``: the vocabulary trie
     (:class:`crnn.word_lm.WordLMTables`) and ``word_scorer`` the host-side :class:`crnn.word_lm.WordLM`, or None;
@@ -208,7 +208,8 @@ class Fusion(NamedTuple):
         else:
             tables = LMTables(torch.zeros(1, num_classes), torch.zeros(1, num_classes, dtype=torch.int32),
                               torch.zeros(1), 0)
-        step = lm_weight * tables.log_probs + insertion_bonus * not_blank
+        step, lm_next = interleaved_lm_tables(lm_weight * tables.log_probs + insertion_bonus * not_blank,
+                                              tables.next_state)
         if lexicon is not None:
             lexicon_tables = lexicon.tables(class_chars)
         else:
@@ -221,7 +222,7 @@ class Fusion(NamedTuple):
                 raise ValueError(f"allow: characters {''.join(outside)!r} are not in the model's charset")
             class_mask = torch.where(not_blank & ~torch.tensor([char is not None and char in allow for char in class_chars]),
                                      float("-inf"), 0.0)
-        return cls(step, tables.next_state, lm_weight * tables.end, tables.start, lexicon_tables, class_mask,
+        return cls(step, lm_next, lm_weight * tables.end, tables.start, lexicon_tables, class_mask,
                    word_lm.tables(class_chars) if word_lm is not None else None, word_lm,
                    hotwords.tables(class_chars) if hotwords is not None else None)
 
@@ -238,6 +239,20 @@ class Fusion(NamedTuple):
                                          commit=hotwords.commit.to(device, dtype))
         return Fusion(self.step.to(device, dtype), self.lm_next.to(device), self.lm_end.to(device, dtype),
                       self.lm_start, lexicon, self.class_mask.to(device, dtype), word_lm, self.word_scorer, hotwords)
+
+
+def interleaved_lm_tables(step: Tensor, next_state: Tensor) -> tuple[Tensor, Tensor]:
+    """``step`` ``(S, C)`` float32 and ``next_state`` ``(S, C)`` int32 as two views of one ``(S, C, 2)`` buffer, so
+    that a (state, class)'s score and next state share a cache line (other dtypes: unchanged).
+
+    The compiled search (:mod:`crnn.line_search`) reads the score of every candidate and then the next state of
+    each it keeps; on a large LM these reads are mostly cache misses, and the interleaved layout made it 20-25 %
+    faster on the word-line LM of ``docs/decoding.md`` (455 k states x 61 classes). Same memory as two tables.
+    """
+    if step.dtype != torch.float32 or next_state.dtype != torch.int32:
+        return step, next_state
+    packed = torch.stack([step.view(torch.int32), next_state], dim=-1)
+    return packed.view(torch.float32)[..., 0], packed[..., 1]
 
 
 def greedy_decode(log_probs: Tensor, input_lengths: Tensor, blank: int = 0) -> Decoded:

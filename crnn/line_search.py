@@ -15,9 +15,10 @@ Compiled on first use (a few seconds, then cached on disk by numba).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit
 
-from crnn.decoding import _HASH_BASES, _HASH_MOD  # the tensor search's prefix keys
+from crnn.decoding import _HASH_BASES, _HASH_MOD, interleaved_lm_tables  # the tensor search's prefix keys
 
 _HASH_BASE_HIGH, _HASH_BASE_LOW = _HASH_BASES
 
@@ -34,8 +35,11 @@ def _compiled(function):
 
 @_compiled
 def _logaddexp(a, b):
-    """``log(exp(a) + exp(b))`` as torch computes it (``-inf`` for two ``-inf``)."""
-    if a == b and np.isinf(a):
+    """``log(exp(a) + exp(b))`` as torch computes it (``-inf`` for two ``-inf``); without ``exp`` and ``log1p``
+    where one is ``-inf`` (a pruned class), which gives the other exactly, as those would."""
+    if a == -np.inf:
+        return b
+    if b == -np.inf or (a == b and np.isinf(a)):
         return a
     return max(a, b) + np.log1p(np.exp(-abs(a - b)))
 
@@ -238,9 +242,11 @@ def beam_search_lines(log_probs, input_lengths, beam_width: int, blank: int, fus
     without a word LM, or None. Returns ``B`` label lists and ``(B,)`` numpy log-probabilities."""
     dtype = log_probs.numpy().dtype
     num_classes = log_probs.shape[2]
-    if fusion is None:
-        tables = (np.zeros((1, num_classes), dtype), np.zeros((1, num_classes), np.int32), np.zeros(1, dtype), 0,
-                  np.zeros((1, num_classes), np.int32), np.ones(1, np.bool_), 0, -1)
+    if fusion is None:  # a one-state LM laid out as Fusion.build lays out an LM (one compiled variant for both)
+        step, lm_next = interleaved_lm_tables(torch.zeros(1, num_classes, dtype=log_probs.dtype),
+                                              torch.zeros(1, num_classes, dtype=torch.int32))
+        tables = (step.numpy(), lm_next.numpy(), np.zeros(1, dtype), 0, np.zeros((1, num_classes), np.int32),
+                  np.ones(1, np.bool_), 0, -1)
     else:
         lexicon = fusion.lexicon
         tables = (fusion.step.numpy(), fusion.lm_next.numpy(), fusion.lm_end.numpy(), fusion.lm_start,

@@ -54,7 +54,8 @@ from typing import NamedTuple
 import editdistance
 import torch
 
-from crnn.decoding import BACKENDS, BeamSearchDecoder, Decoder, Fusion, GreedyDecoder, beam_search, greedy_decode
+from crnn.decoding import (BACKENDS, BeamSearchDecoder, Decoder, Fusion, GreedyDecoder, beam_search, greedy_decode,
+                           interleaved_lm_tables)
 from crnn.lexicon import LEXICON_MODES, Lexicon
 from crnn.lm import SPACE, NgramLM
 from scripts.options import log_prob_or_none
@@ -362,7 +363,8 @@ def compared_fusions(charset, lm: NgramLM | None, lexicon: Lexicon | None, weigh
     if lm is not None:
         base = Fusion.build(charset, lm, 1.0, 0.0)
         for weight, bonus in grid:
-            fusion = base._replace(step=weight * base.step + bonus * not_blank, lm_end=weight * base.lm_end)
+            step, lm_next = interleaved_lm_tables(weight * base.step + bonus * not_blank, base.lm_next)
+            fusion = base._replace(step=step, lm_next=lm_next, lm_end=weight * base.lm_end)
             suffix = f" (w={weight:g}, b={bonus:g})" if len(grid) > 1 else ""
             with_lm[f"char LM{suffix}"] = fusion
             if lexicon is not None:

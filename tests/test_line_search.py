@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from crnn.decoding import BeamSearchDecoder, Fusion, beam_search
+from crnn.decoding import BeamSearchDecoder, Fusion, beam_search, interleaved_lm_tables
 from crnn.hotwords import Hotwords
 from crnn.lexicon import Lexicon
 from crnn.lm import witten_bell
@@ -122,3 +122,18 @@ print(compiled.labels)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_fusion_interleaves_the_lm_scores_and_next_states():
+    """A (state, class)'s score and next state lie side by side (one cache line for the compiled search's two
+    reads), with the values of the separate tables."""
+    charset = Charset("ab ")
+    lm = witten_bell(TOY_CORPUS, order=3)
+    fusion = Fusion.build(charset, lm, 0.7, 0.2)
+    tables = lm.tables([None, "a", "b", " "])
+    assert fusion.lm_next.untyped_storage().data_ptr() == fusion.step.untyped_storage().data_ptr()
+    assert fusion.lm_next.data_ptr() - fusion.step.data_ptr() == 4 and fusion.step.stride() == (8, 2)
+    torch.testing.assert_close(fusion.step, 0.7 * tables.log_probs + 0.2 * (torch.arange(4) != 0), rtol=0, atol=0)
+    assert torch.equal(fusion.lm_next, tables.next_state)
+    step64, next64 = interleaved_lm_tables(fusion.step.double(), fusion.lm_next)  # other dtypes: as they are
+    assert step64.is_contiguous() and next64 is fusion.lm_next
