@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crnn.hotwords import Hotwords, HotwordTables
+from crnn.huge_pages import huge_page_tensor
 from crnn.lexicon import Lexicon, LexiconTables
 from crnn.lm import LMTables, NgramLM
 from crnn.word_lm import WordLM, WordLMTables
@@ -251,7 +252,7 @@ def interleaved_lm_tables(step: Tensor, next_state: Tensor) -> tuple[Tensor, Ten
     """
     if step.dtype != torch.float32 or next_state.dtype != torch.int32:
         return step, next_state
-    packed = torch.stack([step.view(torch.int32), next_state], dim=-1)
+    packed = torch.stack([step.view(torch.int32), next_state], dim=-1, out=huge_page_tensor((*step.shape, 2)))
     return packed.view(torch.float32)[..., 0], packed[..., 1]
 
 

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from crnn.huge_pages import huge_page_tensor
+
 __all__ = ["LEXICON_MODES", "Lexicon", "LexiconTables"]
 
 LEXICON_MODES = ("word", "line")
@@ -101,7 +103,7 @@ class Lexicon:
         children[word_start] = children[start]
         if len(children) > torch.iinfo(torch.int32).max:
             raise ValueError(f"{len(children):,} lexicon trie nodes do not fit the int32 node tables")
-        next_state = torch.full((len(children), len(class_chars)), sink, dtype=torch.int32)
+        next_state = huge_page_tensor((len(children), len(class_chars))).fill_(sink)
         for node, kids in enumerate(children):
             for char, child in kids.items():
                 next_state[node, column[char]] = child

@@ -3,6 +3,7 @@
 
 import itertools
 import math
+import pickle
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 from crnn.decoding import BeamSearchDecoder, Fusion, beam_search, interleaved_lm_tables
 from crnn.hotwords import Hotwords
+from crnn.huge_pages import huge_page_tensor
 from crnn.lexicon import Lexicon
 from crnn.lm import witten_bell
 from data import Charset
@@ -137,3 +139,12 @@ def test_fusion_interleaves_the_lm_scores_and_next_states():
     assert torch.equal(fusion.lm_next, tables.next_state)
     step64, next64 = interleaved_lm_tables(fusion.step.double(), fusion.lm_next)  # other dtypes: as they are
     assert step64.is_contiguous() and next64 is fusion.lm_next
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1024, 1024, 2)])  # below and above 2 MB
+def test_huge_page_tensors_are_ordinary_writable_tensors(shape):
+    table = huge_page_tensor(shape).fill_(7)
+    assert table.shape == shape and table.dtype == torch.int32 and table.is_contiguous()
+    table.view(-1)[-1] = 3
+    assert table.sum().item() == 7 * math.prod(shape) - 4
+    assert torch.equal(pickle.loads(pickle.dumps(table)), table)
