@@ -46,6 +46,7 @@ def _logaddexp(a, b):
 
 @_compiled
 def _extend_hash(key, label):
+    """The key of a prefix extended by ``label``: :func:`crnn.decoding._extend_hash` for one int64."""
     high = (key >> 31) * _HASH_BASE_HIGH + label + 1
     low = (key & _HASH_MOD) * _HASH_BASE_LOW + label + 1
     return (high % _HASH_MOD) << 31 | (low % _HASH_MOD)
