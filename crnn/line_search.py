@@ -14,6 +14,8 @@ Compiled on first use (a few seconds, then cached on disk by numba).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from numba import njit
@@ -21,6 +23,7 @@ from numba import njit
 from crnn.decoding import _HASH_BASES, _HASH_MOD, interleaved_lm_tables  # the tensor search's prefix keys
 
 _HASH_BASE_HIGH, _HASH_BASE_LOW = _HASH_BASES
+MIN_LINES_PER_THREAD = 32  # fewer lines per call run in one thread: a thread costs more than they take
 
 
 def _compiled(function):
@@ -259,7 +262,22 @@ def beam_search_lines(log_probs, input_lengths, beam_width: int, blank: int, fus
         tables += (hotwords.next_state.numpy(), hotwords.potential.numpy(), hotwords.commit.numpy(), hotwords.root,
                    hotwords.space)
     threshold = dtype.type(-np.inf if token_min_logp is None else token_min_logp)  # compared in the input's dtype
-    labels, counts, scores = search_lines(np.ascontiguousarray(log_probs.transpose(0, 1).numpy()),
-                                          input_lengths.numpy().astype(np.int64), beam_width, blank, threshold,
-                                          token_min_logp is not None, *tables)
-    return [row[:count].tolist() for row, count in zip(labels, counts)], scores
+    lines = np.ascontiguousarray(log_probs.transpose(0, 1).numpy())
+    lengths = input_lengths.numpy().astype(np.int64)
+
+    def search(rows: range):
+        return search_lines(lines[rows.start : rows.stop], lengths[rows.start : rows.stop], beam_width, blank,
+                            threshold, token_min_logp is not None, *tables)
+
+    # Lines are independent and the compiled search releases the GIL: torch's thread count of threads share them.
+    workers = max(1, min(torch.get_num_threads(), len(lines) // MIN_LINES_PER_THREAD))
+    bounds = np.linspace(0, len(lines), workers + 1).astype(int)
+    parts = [range(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    if workers == 1:
+        results = [search(parts[0])]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(search, parts))
+    labels = [row[:count].tolist() for part_labels, part_counts, _ in results
+              for row, count in zip(part_labels, part_counts)]
+    return labels, np.concatenate([part_scores for _, _, part_scores in results])

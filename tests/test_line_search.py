@@ -148,3 +148,23 @@ def test_huge_page_tensors_are_ordinary_writable_tensors(shape):
     table.view(-1)[-1] = 3
     assert table.sum().item() == 7 * math.prod(shape) - 4
     assert torch.equal(pickle.loads(pickle.dumps(table)), table)
+
+
+def test_lines_shared_out_to_threads_decode_as_in_one(monkeypatch):
+    """With torch's thread count above 1, parts of the batch run in threads (the search releases the GIL); their
+    results come back in line order."""
+    import crnn.line_search
+
+    generator = torch.Generator().manual_seed(3)
+    log_probs = (torch.randn(15, 70, 6, generator=generator) * 3).log_softmax(-1)
+    lengths = torch.randint(0, 16, (70,), generator=generator)
+    alone = beam_search(log_probs, lengths, 6, token_min_logp=-4.0, backend="numba")
+    parts = []
+    search_lines = crnn.line_search.search_lines
+    monkeypatch.setattr(crnn.line_search, "search_lines", lambda lines, *rest: parts.append(len(lines)) or
+                        search_lines(lines, *rest))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(crnn.line_search, "MIN_LINES_PER_THREAD", 16)
+    shared = beam_search(log_probs, lengths, 6, token_min_logp=-4.0, backend="numba")
+    assert sorted(parts) == [23, 23, 24]
+    assert shared.labels == alone.labels and torch.equal(shared.scores, alone.scores)
